@@ -1,0 +1,298 @@
+"""Configuration: dataclasses with a docstring per field, model presets, and the CLI derived from them.
+
+Each field's docstring (the string literal under it, torchtitan's habit) is also its ``--help``.
+Flag names are Megatron-LM's: field ``tensor_model_parallel_size`` is ``--tensor-model-parallel-size``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import functools
+import inspect
+import math
+import textwrap
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+class ConfigError(ValueError):
+    """Bad configuration; the message names the flag and what to do."""
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a DeepSeek-LLM-style decoder."""
+
+    num_layers: int = 4
+    """Number of transformer layers (7B: 30, 67B: 95)."""
+    hidden_size: int = 128
+    """Model width d_model (7B: 4096, 67B: 8192)."""
+    ffn_hidden_size: int = 352
+    """SwiGLU intermediate size (7B: 11008, 67B: 22016)."""
+    num_attention_heads: int = 8
+    """Query heads (7B: 32, 67B: 64)."""
+    num_query_groups: Optional[int] = None
+    """Key/value heads for grouped-query attention; None means multi-head (= num_attention_heads)."""
+    kv_channels: Optional[int] = None
+    """Head dimension; None means hidden_size / num_attention_heads."""
+    max_position_embeddings: int = 4096
+    """Longest sequence the rotary tables are built for."""
+    vocab_size: int = 102400
+    """Tokenizer vocabulary (before padding). Set from --tokenizer-model when one is given."""
+    make_vocab_size_divisible_by: int = 128
+    """The model vocabulary is padded to a multiple of this times the TP size."""
+    norm_epsilon: float = 1e-6
+    """RMSNorm epsilon."""
+    rotary_base: float = 10000.0
+    """RoPE theta."""
+    init_method_std: float = 0.006
+    """Standard deviation of the normal initialization of every weight matrix (the paper's 0.006)."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    def padded_vocab_size(self, tp_size: int = 1) -> int:
+        """Vocabulary rounded up to a multiple of make_vocab_size_divisible_by * TP."""
+        multiple = self.make_vocab_size_divisible_by * tp_size
+        return int(math.ceil(self.vocab_size / multiple) * multiple)
+
+
+@dataclass
+class ParallelConfig:
+    """How the model and batch are split across processes."""
+
+    tensor_model_parallel_size: int = 1
+    """Ranks that split each layer's weights (TP)."""
+    pipeline_model_parallel_size: int = 1
+    """Pipeline stages (PP). The data-parallel size is world size / (TP * PP)."""
+    sequence_parallel: bool = False
+    """Split activations outside attention/MLP along the sequence across the TP group."""
+
+
+@dataclass
+class TrainingConfig:
+    """The optimization loop."""
+
+    micro_batch_size: int = 2
+    """Sequences per micro-batch per data-parallel rank."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step across all data-parallel ranks and micro-batches."""
+    seq_length: int = 128
+    """Tokens per training sequence."""
+    train_iters: int = 100
+    """Optimizer steps to run."""
+    lr: float = 1e-3
+    """Peak learning rate (reached at the end of warmup)."""
+    min_lr: float = 0.0
+    """Floor of the cosine schedule."""
+    lr_warmup_iters: int = 0
+    """Steps of linear warmup from 0 to --lr."""
+    lr_decay_style: str = "multistep"
+    """'multistep' (DeepSeek: x0.316 at 80%, x0.1 at 90% of training), 'cosine' or 'constant'."""
+    lr_decay_iters: Optional[int] = None
+    """Steps over which the schedule decays; None means --train-iters."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay (not applied to norm weights)."""
+    clip_grad: float = 1.0
+    """Clip the global gradient norm (across all ranks) to this value; 0 disables."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.95
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon (the paper does not state it; 1e-8 is PyTorch's default)."""
+    seed: int = 1234
+    """Seed of initialization and data order."""
+    log_interval: int = 10
+    """Print and write TensorBoard scalars every this many steps."""
+    eval_interval: int = 0
+    """Compute the validation loss every this many steps; 0 disables."""
+    eval_iters: int = 10
+    """Validation batches (of global-batch size) per evaluation."""
+    save: Optional[str] = None
+    """Directory to write the final (and periodic) checkpoint to."""
+    save_interval: int = 0
+    """Save every this many steps; 0 saves only at the end."""
+    load: Optional[str] = None
+    """Checkpoint directory to start from."""
+    tensorboard_dir: Optional[str] = None
+    """Write TensorBoard event files here."""
+    bucket_size_mb: float = 25.0
+    """Size of each data-parallel gradient all-reduce bucket, in MB of fp32 gradients."""
+    generate_prompt: Optional[str] = None
+    """After training, print the model's greedy continuation of this text (needs --tokenizer-model)."""
+    generate_tokens: int = 32
+    """Tokens to generate for --generate-prompt."""
+
+
+@dataclass
+class DataConfig:
+    """Where the tokens come from."""
+
+    data_path: Optional[str] = None
+    """Prefix of a .bin/.idx pair written by tools/preprocess_data.py (without the extension)."""
+    split: str = "969,30,1"
+    """Train/valid/test proportions of the documents, Megatron-style."""
+    tokenizer_model: Optional[str] = None
+    """HF tokenizer.json (or a directory holding one)."""
+    eod_mask_loss: bool = False
+    """Do not train on predicting the token after an end-of-document."""
+    mock_data: bool = False
+    """Train on random tokens (no --data-path needed): for benchmarks and smoke tests."""
+
+
+@dataclass
+class Config:
+    """Everything one run needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    preset: str = "tiny"
+
+
+# Presets are data: the architecture fields a --model name fills.
+PRESETS: dict[str, dict] = {
+    # 4-layer GQA model that trains for a few hundred steps on 2 CPU cores in minutes.
+    "tiny": dict(num_layers=4, hidden_size=128, ffn_hidden_size=352, num_attention_heads=8,
+                 num_query_groups=4, max_position_embeddings=1024, vocab_size=4096),
+    # A slightly larger CPU model for benchmarks.
+    "small": dict(num_layers=8, hidden_size=256, ffn_hidden_size=704, num_attention_heads=8,
+                  num_query_groups=4, max_position_embeddings=2048, vocab_size=8192),
+    # DeepSeek LLM 7B: 30 layers, d 4096, MHA 32 heads, SwiGLU 11008, vocab 102400.
+    "deepseek-7b": dict(num_layers=30, hidden_size=4096, ffn_hidden_size=11008, num_attention_heads=32,
+                        num_query_groups=32, max_position_embeddings=4096, vocab_size=102400),
+    # DeepSeek LLM 67B: 95 layers, d 8192, 64 query heads over 8 KV heads, SwiGLU 22016.
+    "deepseek-67b": dict(num_layers=95, hidden_size=8192, ffn_hidden_size=22016, num_attention_heads=64,
+                         num_query_groups=8, max_position_embeddings=4096, vocab_size=102400),
+}
+
+
+def model_preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"--model {name!r} is not a preset; choose one of {', '.join(PRESETS)}")
+    return ModelConfig(**PRESETS[name])
+
+
+def count_parameters(cfg: ModelConfig, padded_vocab: Optional[int] = None) -> int:
+    """Parameters of the decoder (untied embeddings, no biases), computed from the shapes alone."""
+    v = padded_vocab if padded_vocab is not None else cfg.vocab_size
+    h, f, d = cfg.hidden_size, cfg.ffn_hidden_size, cfg.head_dim
+    attn = h * cfg.num_attention_heads * d * 2 + h * cfg.num_kv_heads * d * 2  # q, o + k, v
+    mlp = 3 * h * f  # gate, up, down
+    per_layer = attn + mlp + 2 * h  # + input and post-attention RMSNorm weights
+    return cfg.num_layers * per_layer + 2 * v * h + h  # + embedding, LM head, final norm
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: one flag per field, help from the field docstrings.
+
+
+@functools.lru_cache(maxsize=None)
+def field_docs(cls) -> dict[str, str]:
+    """The docstring under each field of a dataclass, read from its source."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+_SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "training": TrainingConfig, "data": DataConfig}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(f: dataclasses.Field):
+    t = f.type if not isinstance(f.type, str) else f.type
+    text = str(t)
+    for name, typ in (("bool", bool), ("int", int), ("float", float), ("str", str)):
+        if name in text:
+            return typ
+    raise TypeError(f"unsupported config field type {text}")
+
+
+def build_parser(prog: str = "megatron_ds.pretrain") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Megatron-style 3D-parallel trainer for DeepSeek LLM models.")
+    parser.add_argument("--model", default="tiny", help=f"architecture preset: {', '.join(PRESETS)}; single flags override it")
+    for section, cls in _SECTIONS.items():
+        group = parser.add_argument_group(section)
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            typ = _base_type(f)
+            kwargs = dict(dest=f"{section}.{f.name}", default=None, help=docs.get(f.name, "").replace("%", "%%"))
+            if typ is bool:
+                group.add_argument(_flag(f.name), action="store_true", **kwargs)
+            else:
+                group.add_argument(_flag(f.name), type=typ, metavar=f.name.upper(), **kwargs)
+    return parser
+
+
+def config_from_args(argv: Optional[list[str]] = None) -> Config:
+    """Parse Megatron-style flags into a Config: preset first, then explicit flags on top."""
+    parser = build_parser()
+    ns = vars(parser.parse_args(argv))
+    preset = ns.pop("model")
+    cfg = Config(model=model_preset(preset), preset=preset)
+    for key, value in ns.items():
+        if value is None:  # flag not given: keep the preset's or the dataclass default
+            continue
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
+    return cfg
+
+
+def validate(cfg: Config, world_size: int) -> None:
+    """Checks that need no data: a layout that does not divide is a one-line ConfigError."""
+    m, p, t = cfg.model, cfg.parallel, cfg.training
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    if tp < 1 or pp < 1:
+        raise ConfigError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
+    if world_size % (tp * pp) != 0:
+        raise ConfigError(
+            f"world size {world_size} is not a multiple of --tensor-model-parallel-size {tp} x "
+            f"--pipeline-model-parallel-size {pp}; launch TP*PP*DP processes"
+        )
+    dp = world_size // (tp * pp)
+    if pp > 1:
+        raise ConfigError(f"--pipeline-model-parallel-size {pp}: pipeline schedules are not implemented yet; use 1")
+    for what, n in (("attention heads (--num-attention-heads)", m.num_attention_heads),
+                    ("FFN size (--ffn-hidden-size)", m.ffn_hidden_size)):
+        if n % tp != 0:
+            raise ConfigError(f"--tensor-model-parallel-size {tp} does not divide {n} {what}")
+    kv = m.num_kv_heads
+    if m.num_attention_heads % kv != 0:
+        raise ConfigError(f"--num-query-groups {kv} does not divide --num-attention-heads {m.num_attention_heads}")
+    if kv % tp != 0 and tp % kv != 0:
+        raise ConfigError(
+            f"--tensor-model-parallel-size {tp} does not divide {kv} KV heads (--num-query-groups) "
+            f"and is not a multiple of it; pick a TP size that divides or is a multiple of {kv}"
+        )
+    if m.padded_vocab_size(tp) % tp != 0:  # cannot happen with the padding rule, kept as a guard
+        raise ConfigError(f"--tensor-model-parallel-size {tp} does not divide the padded vocabulary")
+    if p.sequence_parallel and t.seq_length % tp != 0:
+        raise ConfigError(f"--sequence-parallel needs --seq-length {t.seq_length} divisible by --tensor-model-parallel-size {tp}")
+    if t.seq_length > m.max_position_embeddings:
+        raise ConfigError(f"--seq-length {t.seq_length} exceeds --max-position-embeddings {m.max_position_embeddings}")
+    if t.global_batch_size % (t.micro_batch_size * dp) != 0:
+        raise ConfigError(
+            f"--global-batch-size {t.global_batch_size} is not a multiple of --micro-batch-size "
+            f"{t.micro_batch_size} x data-parallel size {dp}"
+        )
+    if t.lr_decay_style not in ("multistep", "cosine", "constant"):
+        raise ConfigError(f"--lr-decay-style {t.lr_decay_style!r}: choose multistep, cosine or constant")
+    if m.hidden_size != m.num_attention_heads * m.head_dim and m.kv_channels is None:
+        raise ConfigError(f"--num-attention-heads {m.num_attention_heads} does not divide --hidden-size {m.hidden_size}")

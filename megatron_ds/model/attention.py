@@ -1,0 +1,155 @@
+"""Causal self-attention with grouped-query heads, split over tensor parallelism by heads.
+
+Master weights (the single-process model): one fused ``qkv`` [(nq + 2 nkv) d, h] whose rows are
+[q heads | k heads | v heads], head-major, exactly Hugging Face's q_proj/k_proj/v_proj stacked.
+Query head i attends with KV head i // (nq / nkv) (HF's ``repeat_kv``).
+
+Two TP layouts, chosen by the number of KV heads nkv against the TP size tp:
+
+- nkv % tp == 0 (MHA, or GQA with enough KV heads): one ColumnParallelLinear ``qkv`` with
+  partition_sizes [nq d, nkv d, nkv d]; rank r holds query heads r*nq/tp... and KV heads
+  r*nkv/tp..., which are exactly the KV heads its query heads use.
+- tp % nkv == 0 and tp > nkv (e.g. 67B's 8 KV heads at TP 16): KV heads cannot be split, so they
+  are replicated. ``q`` is a ColumnParallelLinear of the query rows; ``kv`` holds the full
+  [2 nkv d, h] K/V rows on every rank and each rank uses only the KV head of its query heads
+  (head r // (tp / nkv)). Each rank therefore produces a partial gradient of ``kv.weight`` (only
+  its own query heads' contribution), marked ``sum_grad_over_tp = True``: the trainer must SUM
+  such grads over the TP group, always (with or without sequence parallelism).
+
+Both draw their initial values from the same fused [(nq + 2 nkv) d, h] generator draw as the
+single-process model, so init does not depend on the layout.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_ds.config import ModelConfig
+from megatron_ds.kernels import apply_rotary_pos_emb
+from megatron_ds.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron_ds.parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
+from megatron_ds.parallel.random import InitMethod, init_method_normal, param_generator
+from megatron_ds.parallel.topology import group_rank, group_size
+
+
+def kv_heads_replicated(config: ModelConfig, tp: int) -> bool:
+    """True when TP exceeds the KV heads and each rank needs a replicated copy of one KV head."""
+    nkv = config.num_kv_heads
+    if nkv % tp == 0:
+        return False
+    if tp % nkv == 0:
+        return True
+    raise ValueError(f"--tensor-model-parallel-size {tp} neither divides nor is a multiple of the "
+                     f"{nkv} KV heads (--num-query-groups); pick a TP size that divides or is a multiple of {nkv}")
+
+
+def fused_rows_init(init_method: InitMethod, fused_rows: int, start: int) -> InitMethod:
+    """An init method that draws the full fused master [fused_rows, in] and keeps rows [start, start + n).
+
+    Handed to a layer whose own master has n rows, it reproduces the rows that the single-process
+    fused layer drew for it from the same generator seed.
+    """
+
+    def init_(tensor: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        fused = torch.empty((fused_rows, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+        init_method(fused, generator)
+        with torch.no_grad():
+            return tensor.copy_(fused[start:start + tensor.shape[0]])
+
+    return init_
+
+
+class ReplicatedKVLinear(nn.Module):
+    """K/V projection replicated over TP: every rank holds W[2 nkv d, h] (rows [k heads | v heads]),
+    computes only KV head ``kv_head``: X [s,b,h] replicated (SP: own [s/tp,b,h]) -> [s,b,2d] = [k | v];
+    fwd identity (SP: all-gather dim 0), bwd all-reduce of dX (SP: reduce-scatter dim 0).
+
+    The weight grad on each rank is partial (``sum_grad_over_tp = True``); see the module docstring.
+    """
+
+    def __init__(self, hidden_size: int, num_kv_heads: int, head_dim: int, kv_head: int, *, tp_group,
+                 init_method: InitMethod, init_generator: torch.Generator, sequence_parallel: bool = False,
+                 params_dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.num_kv_heads, self.head_dim, self.kv_head = num_kv_heads, head_dim, kv_head
+        self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
+        self.weight = nn.Parameter(torch.empty(2 * num_kv_heads * head_dim, hidden_size,
+                                               dtype=params_dtype, device=device))
+        self.weight.sum_grad_over_tp = True
+        if self.weight.device.type != "meta":
+            master = torch.empty(self.weight.shape, dtype=torch.float32, device=init_generator.device)
+            init_method(master, init_generator)
+            with torch.no_grad():
+                self.weight.copy_(master)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel:
+            # The consumer (this rank's query heads) is TP-sharded: dX is partial, so reduce-scatter it.
+            x = gather_from_sequence_parallel_region(x, self.tp_group, tensor_parallel_output_grad=True)
+        else:
+            x = copy_to_tensor_model_parallel_region(x, self.tp_group)
+        d, h = self.head_dim, self.weight.shape[1]
+        w = self.weight.view(2, self.num_kv_heads, d, h)[:, self.kv_head].reshape(2 * d, h)
+        return F.linear(x, w)  # [s, b, 2d]
+
+    def extra_repr(self) -> str:
+        return f"kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, uses_kv_head={self.kv_head}, replicated"
+
+
+class Attention(nn.Module):
+    """[s,b,h] (SP: [s/tp,b,h]) -> QKV -> RoPE -> causal SDPA over this rank's heads -> out-proj -> same shape."""
+
+    def __init__(self, config: ModelConfig, layer_number: int, *, tp_group=None, sequence_parallel: bool = False,
+                 seed: int = 1234, params_dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        tp, rank = group_size(tp_group), group_rank(tp_group)
+        h, d = config.hidden_size, config.head_dim
+        nq, nkv = config.num_attention_heads, config.num_kv_heads
+        if nq % tp != 0:
+            raise ValueError(f"--tensor-model-parallel-size {tp} does not divide {nq} attention heads")
+        if nq % nkv != 0:
+            raise ValueError(f"--num-query-groups {nkv} does not divide --num-attention-heads {nq}")
+        self.head_dim = d
+        self.num_local_heads = nq // tp
+        self.replicated_kv = kv_heads_replicated(config, tp)
+        self.num_local_kv_heads = 1 if self.replicated_kv else nkv // tp
+
+        prefix = f"layers.{layer_number}.attention"
+        init = init_method_normal(config.init_method_std)
+        common = dict(tp_group=tp_group, sequence_parallel=sequence_parallel, params_dtype=params_dtype, device=device)
+        fused_rows = (nq + 2 * nkv) * d
+        if not self.replicated_kv:
+            self.qkv = ColumnParallelLinear(h, fused_rows, init_method=init,
+                                            init_generator=param_generator(seed, f"{prefix}.qkv", device),
+                                            partition_sizes=[nq * d, nkv * d, nkv * d], **common)
+        else:
+            # Both halves re-draw the fused master from the same (seed, key) and keep their rows.
+            self.q = ColumnParallelLinear(h, nq * d, init_method=fused_rows_init(init, fused_rows, 0),
+                                          init_generator=param_generator(seed, f"{prefix}.qkv", device), **common)
+            self.kv = ReplicatedKVLinear(h, nkv, d, kv_head=rank // (tp // nkv),
+                                         init_method=fused_rows_init(init, fused_rows, nq * d),
+                                         init_generator=param_generator(seed, f"{prefix}.qkv", device), **common)
+        self.out = RowParallelLinear(nq * d, h, init_method=init, input_is_parallel=True,
+                                     init_generator=param_generator(seed, f"{prefix}.out", device), **common)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        d, nq, nkv = self.head_dim, self.num_local_heads, self.num_local_kv_heads
+        if self.replicated_kv:
+            q = self.q(x)  # [s, b, nq d]
+            k, v = self.kv(x).split([d, d], dim=-1)  # [s, b, d] each
+        else:
+            q, k, v = self.qkv(x).split([nq * d, nkv * d, nkv * d], dim=-1)
+        s, b = q.shape[:2]
+        q = apply_rotary_pos_emb(q.view(s, b, nq, d), cos, sin)
+        k = apply_rotary_pos_emb(k.view(s, b, nkv, d), cos, sin)
+        v = v.view(s, b, nkv, d)
+        # SDPA wants [b, n, s, d]; query head i uses KV head i // (nq / nkv), as HF's repeat_kv.
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=nq != nkv)  # [b, nq, s, d]
+        o = o.permute(2, 0, 1, 3).reshape(s, b, nq * d)
+        return self.out(o)  # [s, b, h] (SP: [s/tp, b, h])

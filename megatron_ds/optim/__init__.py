@@ -1,0 +1,1 @@
+"""Optimizer, gradient clipping and learning-rate schedules."""

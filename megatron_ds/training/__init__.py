@@ -1,0 +1,1 @@
+"""The training loop: micro-batches, forward/backward schedule, optimizer step, eval, logging."""

@@ -1,0 +1,77 @@
+import hashlib
+import json
+
+import pytest
+
+from megatron_ds.data.errors import DataError
+from megatron_ds.data.tokenizer import build_tokenizer, pad_vocab_size
+from tools import train_tokenizer
+
+
+def test_digits_are_single_tokens(tokenizer_json):
+    tok = build_tokenizer(str(tokenizer_json))
+    ids = tok.encode("12345")
+    assert [tok.decode([i]) for i in ids] == ["1", "2", "3", "4", "5"]
+
+
+def test_special_tokens_first_and_found_by_name(tokenizer_json):
+    tok = build_tokenizer(str(tokenizer_json))
+    assert (tok.bos, tok.eod, tok.pad) == (0, 1, 2)
+    vocab = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    names = {t["content"]: t["id"] for t in vocab["added_tokens"]}
+    assert names == {name: i for i, name in enumerate(train_tokenizer.SPECIAL_TOKENS)}
+
+
+def test_encode_adds_no_special_tokens_and_round_trips(tokenizer_json):
+    tok = build_tokenizer(str(tokenizer_json))
+    text = "  hello, world!\n\n你好世界 x=1; unseen-word ÆØÅ 🙂 42\t"
+    ids = tok.encode(text)
+    assert tok.eod not in ids and tok.bos not in ids
+    assert tok.decode(ids) == text
+
+
+def test_newline_and_cjk_do_not_merge_with_words(tokenizer_json):
+    tok = build_tokenizer(str(tokenizer_json))
+    pieces = [tok.decode([i]) for i in tok.encode("world\nhello你好")]
+    assert all(("\n" not in p or p == "\n") for p in pieces)
+    assert not any(("你" in p or "好" in p) and any(c.isascii() for c in p) for p in pieces)
+
+
+def test_vocab_size_counts_special_tokens(tokenizer_json):
+    tok = build_tokenizer(str(tokenizer_json))
+    vocab = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    # The trainer stores the special tokens in the BPE vocab too; a small corpus runs out of
+    # merges before --vocab-size 512.
+    assert tok.vocab_size == len(vocab["model"]["vocab"]) <= 512
+    assert max(vocab["model"]["vocab"].values()) == tok.vocab_size - 1
+
+
+def test_directory_path_and_identity(tokenizer_json):
+    tok = build_tokenizer(str(tokenizer_json.parent))
+    assert tok.path == str(tokenizer_json)
+    assert tok.identity() == hashlib.sha256(tokenizer_json.read_bytes()).hexdigest()[:16]
+
+
+def test_missing_and_corrupt_tokenizer_name_the_path(tmp_path):
+    with pytest.raises(DataError, match="no-such.json"):
+        build_tokenizer(str(tmp_path / "no-such.json"))
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text("{not json")
+    with pytest.raises(DataError, match=str(bad)) as e:
+        build_tokenizer(str(tmp_path))
+    assert "\n" not in str(e.value)
+
+
+def test_pad_vocab_size():
+    assert pad_vocab_size(102400, 1) == 102400
+    assert pad_vocab_size(100015, 1) == 100096
+    assert pad_vocab_size(100015, 8) == 100352  # 98 * 1024
+    assert pad_vocab_size(1, 2) == 256
+    assert pad_vocab_size(512, 3) == 768
+
+
+def test_train_tokenizer_output_directory(tmp_path, corpus_jsonl, capsys):
+    train_tokenizer.main(["--input", str(corpus_jsonl), "--vocab-size", "300",
+                          "--output", str(tmp_path / "tok")])
+    assert (tmp_path / "tok" / "tokenizer.json").is_file()
+    assert "padded model vocab (TP=1) 384" in capsys.readouterr().out
