@@ -16,6 +16,7 @@ import torch.distributed as dist
 from megatron_ds.checkpoint.local import TRACKER, CheckpointError, load_checkpoint, save_checkpoint
 from megatron_ds.config import Config, ConfigError, config_from_args, count_parameters, validate
 from megatron_ds.data.errors import DataError
+from megatron_ds.parallel.random import model_parallel_manual_seed
 from megatron_ds.parallel.topology import (
     ParallelState, TopologyError, build_parallel_state, initialize_distributed,
 )
@@ -78,7 +79,9 @@ def build_datasets(cfg: Config, tokenizer):
 
 def run(cfg: Config, state: ParallelState, tokenizer=None, log: bool | None = None) -> TrainResult:
     """Build the model and data for this rank and train; the whole run, callable in-process."""
-    torch.manual_seed(cfg.training.seed)
+    # Default RNG: same on every TP rank; the tracker's stream differs per TP rank, for dropout
+    # inside TP regions. Weights do not use either: they come from per-parameter generators.
+    rng_tracker = model_parallel_manual_seed(cfg.training.seed, state.tp_rank, state.pp_rank, state.device)
     if log is None:
         log = not dist.is_initialized() or dist.get_rank() == 0
     t = cfg.training
@@ -90,6 +93,7 @@ def run(cfg: Config, state: ParallelState, tokenizer=None, log: bool | None = No
                 f"x DP {state.dp_size}{' | sequence parallel' if cfg.parallel.sequence_parallel else ''} | "
                 f"global batch {t.global_batch_size} x {t.seq_length} tokens")
     trainer = Trainer(cfg, state, model, train_ds, valid_ds, logger)
+    trainer.rng_tracker = rng_tracker
     start, consumed = 0, 0
     if t.load and os.path.isfile(os.path.join(t.load, TRACKER)):
         start, consumed = load_checkpoint(t.load, state, model, trainer.optimizer)

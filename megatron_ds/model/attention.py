@@ -137,9 +137,15 @@ class Attention(nn.Module):
         self.out = RowParallelLinear(nq * d, h, init_method=init, input_is_parallel=True,
                                      init_generator=param_generator(seed, f"{prefix}.out", device), **common)
 
+    def extra_repr(self) -> str:
+        return (f"local_heads={self.num_local_heads}, local_kv_heads={self.num_local_kv_heads}, "
+                f"head_dim={self.head_dim}, replicated_kv={self.replicated_kv}")
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         d, nq, nkv = self.head_dim, self.num_local_heads, self.num_local_kv_heads
         if self.replicated_kv:
+            # Under SP both q and kv all-gather x: twice the gather of the fused case, but only in
+            # this TP > KV-heads layout, and it keeps both layers' backward contracts plain.
             q = self.q(x)  # [s, b, nq d]
             k, v = self.kv(x).split([d, d], dim=-1)  # [s, b, d] each
         else:

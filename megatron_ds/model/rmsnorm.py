@@ -29,3 +29,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        sp = ", sequence_parallel" if getattr(self.weight, "sequence_parallel", False) else ""
+        return f"{self.weight.shape[0]}, eps={self.eps}{sp}"

@@ -181,7 +181,7 @@ class VocabParallelEmbedding(nn.Module):
             local_ids = (input_ids - self.vocab_start_index).masked_fill(outside, 0)
             emb = F.embedding(local_ids, self.weight)  # [s, b, h]
             # Rows of ids another rank owns are zero here; the sum over TP fills them in.
-            pass
+            emb = emb.masked_fill(outside.unsqueeze(-1), 0.0)
         else:
             emb = F.embedding(input_ids, self.weight)
         if self.sequence_parallel:
@@ -199,18 +199,25 @@ class VocabParallelEmbedding(nn.Module):
 
 def set_sequence_parallel_attr(param: nn.Parameter) -> None:
     """Mark a TP-replicated param (a norm weight) that sees only this rank's s/tp tokens under SP,
-    so its grad is a partial sum that ``allreduce_sequence_parallel_grads`` must complete."""
+    so its grad is a partial sum that ``allreduce_tp_replicated_grads`` must complete."""
     param.sequence_parallel = True
 
 
-def allreduce_sequence_parallel_grads(module: nn.Module, tp_group) -> None:
-    """Sum over TP the grads (``.main_grad`` if present, else ``.grad``) of params marked by
-    ``set_sequence_parallel_attr``; call after backward, before the DP reduction and grad clipping."""
+def _needs_tp_grad_sum(p: nn.Parameter) -> bool:
+    # sequence_parallel: norm weights under SP each saw s/tp tokens.
+    # sum_grad_over_tp: a replicated weight each rank used for its own heads only (KV heads when
+    # TP exceeds the KV-head count, see model/attention.py).
+    return p.requires_grad and (getattr(p, "sequence_parallel", False) or getattr(p, "sum_grad_over_tp", False))
+
+
+def allreduce_tp_replicated_grads(module: nn.Module, tp_group) -> None:
+    """Sum over TP the grads (``.main_grad`` if present, else ``.grad``) of replicated params whose
+    grad is partial on each rank; call after backward (and the DP sync), before grad clipping."""
     if group_size(tp_group) == 1:
         return
     grads: dict[torch.dtype, list[torch.Tensor]] = {}
     for p in module.parameters():
-        if not (getattr(p, "sequence_parallel", False) and p.requires_grad):
+        if not _needs_tp_grad_sum(p):
             continue
         g = getattr(p, "main_grad", None)
         g = p.grad if g is None else g

@@ -6,6 +6,10 @@ import sys
 import time
 
 
+# How each logged quantity reads best; others get 4 decimals.
+_FORMATS = {"lr": "{:.3e}", "grad norm": "{:.3f}", "tokens/s": "{:.0f}"}
+
+
 class RunLogger:
     """Prints and writes scalars only where ``enabled`` (one rank); elsewhere every call is a no-op."""
 
@@ -29,7 +33,7 @@ class RunLogger:
         elapsed = time.time() - self.start
         parts = [f"iter {iteration:>6d}/{self.total_iters}"]
         for k, v in scalars.items():
-            parts.append(f"{k} {v:.4e}" if k in ("lr",) else f"{k} {v:.4f}" if abs(v) < 1e4 else f"{k} {v:.0f}")
+            parts.append(f"{k} {_FORMATS.get(k, '{:.4f}').format(v)}")
         parts.append(f"elapsed {elapsed:.1f}s")
         print(" | ".join(parts), flush=True)
         if self.writer is not None:

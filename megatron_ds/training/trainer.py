@@ -22,7 +22,7 @@ from megatron_ds.data.sampler import MegatronPretrainingSampler, collate
 from megatron_ds.optim.lr_schedule import LRSchedule
 from megatron_ds.optim.optimizer import build_adamw, clip_main_grads, global_grad_norm, optimizer_step
 from megatron_ds.parallel.grad_buffer import GradBuffer
-from megatron_ds.parallel.layers import allreduce_sequence_parallel_grads
+from megatron_ds.parallel.layers import allreduce_tp_replicated_grads
 from megatron_ds.parallel.topology import ParallelState, group_size
 from megatron_ds.training.logger import RunLogger
 from megatron_ds.training.schedules import forward_backward_no_pipelining
@@ -63,6 +63,7 @@ class Trainer:
                                    decay_iters=t.lr_decay_iters or t.train_iters, style=t.lr_decay_style)
         self.num_microbatches = t.global_batch_size // (t.micro_batch_size * state.dp_size)
         self.result = TrainResult()
+        self.rng_tracker = None  # per-TP-rank RNG streams (parallel/random.py), set by the caller
 
     # -- data -------------------------------------------------------------------------------
 
@@ -95,7 +96,7 @@ class Trainer:
         tokens = self._global_tokens(micro_batches)
         local_loss = forward_backward_no_pipelining(self.model, micro_batches, tokens, self.grad_buffer)
         self.grad_buffer.finish_grad_sync()
-        allreduce_sequence_parallel_grads(self.model, self.state.tp_group)
+        allreduce_tp_replicated_grads(self.model, self.state.tp_group)
         grad_norm = global_grad_norm(self.params, self.state)
         clip_main_grads(self.params, self.cfg.training.clip_grad, grad_norm)
         lr = self.schedule(iteration)

@@ -10,7 +10,7 @@ from megatron_ds.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
-    allreduce_sequence_parallel_grads,
+    allreduce_tp_replicated_grads,
     set_sequence_parallel_attr,
 )
 from megatron_ds.parallel.topology import build_parallel_state
@@ -215,7 +215,7 @@ def _check_sequence_parallel_block(tp):
             for p in block.parameters():
                 p.main_grad, p.grad = p.grad.clone(), None
         # Before the reduction the norm weight saw only this rank's s/tp tokens.
-        allreduce_sequence_parallel_grads(block, g)
+        allreduce_tp_replicated_grads(block, g)
         grad = (lambda p: p.main_grad) if use_main_grad else (lambda p: p.grad)
         assert_close_fp32(grad(block.scale), ref.scale.grad)
         assert_close_fp32(grad(block.up.weight), shard(ref.up.weight.grad, 0, tp, r))  # untouched: TP-sharded
