@@ -1,21 +1,76 @@
-"""Install megatron-ds: ``pip install -e .`` (add ``[test]`` for the test suite's references)."""
+"""Install megatron-ds: ``pip install --no-build-isolation -e .`` (add ``[test]`` for the test suite).
+
+The C++ (and, where the installed torch has CUDA and nvcc is on PATH, CUDA) extensions in csrc/
+are compiled here, at install time, never at run time. ``--no-build-isolation`` makes the build
+use the torch that is installed, so the extension's ABI matches the torch that will load it
+(an isolated build would fetch a torch of its own).
+
+Extensions, each built only when its sources exist:
+  megatron_ds._C_data          csrc/data/*.cpp          pybind11: dataset index builders
+  megatron_ds._C_kernels       csrc/kernels/cpu/*.cpp   torch C++ ops (OpenMP), CPU kernels
+  megatron_ds._C_kernels_cuda  csrc/kernels/cuda/*.cu   torch CUDA ops for sm_80 / sm_90
+"""
+
+import glob
+import os
+import shutil
 
 from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources(pattern: str) -> list[str]:
+    return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+
+
+def extensions():
+    """(ext_modules, cmdclass) for the csrc/ sources present; empty when there are none."""
+    ext_modules, cmdclass = [], {}
+    data_src = _sources("csrc/data/*.cpp")
+    if data_src:
+        from pybind11.setup_helpers import Pybind11Extension
+
+        ext_modules.append(Pybind11Extension("megatron_ds._C_data", data_src, cxx_std=17,
+                                             extra_compile_args=["-O3"]))
+    kernel_src = _sources("csrc/kernels/cpu/*.cpp")
+    cuda_src = _sources("csrc/kernels/cuda/*.cu") + _sources("csrc/kernels/cuda/*.cpp")
+    if kernel_src or cuda_src:
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+        # -fopenmp on compile and link: without it at::parallel_for runs on one thread.
+        if kernel_src:
+            ext_modules.append(CppExtension("megatron_ds._C_kernels", kernel_src,
+                                            extra_compile_args=["-O3", "-fopenmp"], extra_link_args=["-fopenmp"]))
+        if cuda_src and torch.version.cuda is not None and shutil.which("nvcc"):
+            ext_modules.append(CUDAExtension(
+                "megatron_ds._C_kernels_cuda", cuda_src,
+                extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-gencode=arch=compute_80,code=sm_80",
+                                                            "-gencode=arch=compute_90,code=sm_90"]}))
+        cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
+    return ext_modules, cmdclass
+
+
+ext_modules, cmdclass = extensions()
 
 setup(
     name="megatron-ds",
     version="0.1.0",
     description="Megatron-style 3D-parallel trainer for DeepSeek LLM models, on PyTorch",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_ds", "megatron_ds.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     install_requires=[
         "torch>=2.5",  # SDPA with enable_gqa; a lower bound, not a pin to one build
         "numpy>=1.24",
         "tokenizers>=0.15",
         "safetensors>=0.4",
         "tensorboard>=2.10",
+        "pybind11>=2.10",
     ],
     extras_require={
         # Reference implementations the tests compare against; never imported by the package.

@@ -118,7 +118,7 @@ def run_hf(args) -> dict:
         opt.step()
         times.append(time.perf_counter())
     tps = _timed_tokens_per_s(times[1:], t.global_batch_size * t.seq_length, args.warmup)
-    return {"tokens_per_s": tps, "final_loss": float(loss) * n_micro}
+    return {"tokens_per_s": tps, "final_loss": float(loss.detach()) * n_micro}
 
 
 def _passthrough(args) -> list[str]:
