@@ -74,6 +74,17 @@ class ParallelConfig:
     """Pipeline stages (PP). The data-parallel size is world size / (TP * PP)."""
     sequence_parallel: bool = False
     """Split activations outside attention/MLP along the sequence across the TP group."""
+    decoder_first_pipeline_num_layers: Optional[int] = None
+    """Layers on the first pipeline stage when it differs from the rest (uneven split, e.g. 67B's 95 layers
+    on 8 stages: 11, then 12 each); the other stages share the remaining layers evenly."""
+    decoder_last_pipeline_num_layers: Optional[int] = None
+    """Layers on the last pipeline stage when it differs from the rest; the others share the remainder evenly."""
+    pipeline_layer_split: Optional[str] = None
+    """Layers of every pipeline stage as a comma list, first stage first (e.g. '11,12,12,12,12,12,12,12');
+    must add up to --num-layers. Excludes --decoder-first/last-pipeline-num-layers."""
+    num_layers_per_virtual_pipeline_stage: Optional[int] = None
+    """Interleaved 1F1B: each rank holds several model chunks of this many layers (virtual stages); chunk c
+    of rank r is virtual stage c * PP + r. Needs an even split and micro-batches a multiple of PP."""
 
 
 @dataclass
@@ -130,14 +141,42 @@ class TrainingConfig:
     """After training, print the model's greedy continuation of this text (needs --tokenizer-model)."""
     generate_tokens: int = 32
     """Tokens to generate for --generate-prompt."""
+    lr_decay_milestones: str = "0.8,0.9"
+    """Multi-step: fractions of training (steps or tokens) from which each of --lr-decay-factors applies."""
+    lr_decay_factors: str = "0.316,0.1"
+    """Multi-step: LR multipliers of the peak from each milestone on (the paper's x0.316 and x0.1)."""
+    lr_wsd_decay_iters: Optional[int] = None
+    """Warmup-stable-decay (--lr-decay-style wsd): steps of the final decay to --min-lr."""
+    lr_wsd_decay_style: str = "linear"
+    """Shape of the WSD final decay: 'linear', 'cosine' or '1-sqrt'."""
+    lr_warmup_tokens: Optional[float] = None
+    """Warmup length in tokens; with --lr-decay-tokens the schedule counts tokens, not steps."""
+    lr_decay_tokens: Optional[float] = None
+    """Schedule length in tokens (e.g. 2e12); when set, milestones are fractions of it and the warmup and
+    WSD lengths are read from --lr-warmup-tokens / --lr-wsd-decay-tokens."""
+    lr_wsd_decay_tokens: Optional[float] = None
+    """WSD final decay in tokens (with --lr-decay-tokens)."""
+    bf16: bool = False
+    """bf16 parameters and activations; fp32 main grads accumulated across micro-batches and fp32 master
+    weights owned by the optimizer."""
+    use_distributed_optimizer: bool = False
+    """ZeRO-1: each data-parallel rank keeps the fp32 master weights and Adam state of one contiguous 1/DP
+    shard; gradients are reduce-scattered, updated parameters all-gathered."""
+    recompute_granularity: Optional[str] = None
+    """Activation recomputation: 'full' (whole layers) or 'selective' (the attention core); None keeps
+    every activation."""
+    auto_hparams: bool = False
+    """Set --lr and --global-batch-size from the paper's Eq. 1 for C = M x (train-iters x batch tokens)
+    (see tools/scaling_laws.py)."""
 
 
 @dataclass
 class DataConfig:
     """Where the tokens come from."""
 
-    data_path: Optional[str] = None
-    """Prefix of a .bin/.idx pair written by tools/preprocess_data.py (without the extension)."""
+    data_path: Optional[list[str]] = None
+    """Prefix of a .bin/.idx pair written by tools/preprocess_data.py (without the extension), or
+    weight/prefix pairs to blend several ('0.7 web 0.3 code'); always a list once parsed."""
     split: str = "969,30,1"
     """Train/valid/test proportions of the documents, Megatron-style."""
     tokenizer_model: Optional[str] = None
@@ -146,6 +185,30 @@ class DataConfig:
     """Do not train on predicting the token after an end-of-document."""
     mock_data: bool = False
     """Train on random tokens (no --data-path needed): for benchmarks and smoke tests."""
+    reset_position_ids: bool = False
+    """Restart position ids at 0 after every end-of-document token."""
+    reset_attention_mask: bool = False
+    """Document-level causal attention: no token attends across an end-of-document token (the batch
+    carries 'document_ids', the model builds the mask)."""
+    data_cache_path: Optional[str] = None
+    """Directory for the cached document/sample/shuffle index .npy files (rank 0 builds, the others
+    memory-map); default: index-cache/ beside the first --data-path prefix."""
+
+
+@dataclass
+class KernelConfig:
+    """Which implementation of the fused ops and of the linear layers the model runs."""
+
+    no_fused_kernels: bool = False
+    """Use the pure-PyTorch reference of every fused op (RMSNorm, rotary, SwiGLU, cross-entropy) instead of
+    the compiled csrc/ kernels (which are the default, and fall back to the references with a warning when
+    the extension was not built)."""
+    transformer_impl: str = "local"
+    """Linear layers: 'local' (this package's) or 'transformer_engine' (NVIDIA Transformer Engine's GEMMs, same
+    parameter names in checkpoints; needs TE installed and CUDA)."""
+    fp8_format: Optional[str] = None
+    """Train the linear layers in FP8 with TE's delayed scaling: 'e4m3' (every GEMM in E4M3) or 'hybrid' (E4M3
+    forward, E5M2 gradients). Needs --transformer-impl transformer_engine."""
 
 
 @dataclass
@@ -156,6 +219,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    kernels: KernelConfig = field(default_factory=KernelConfig)
     preset: str = "tiny"
 
 
@@ -209,7 +273,8 @@ def field_docs(cls) -> dict[str, str]:
     return docs
 
 
-_SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "training": TrainingConfig, "data": DataConfig}
+_SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "training": TrainingConfig, "data": DataConfig,
+             "kernels": KernelConfig}
 
 
 def _flag(name: str) -> str:
@@ -236,6 +301,8 @@ def build_parser(prog: str = "megatron_ds.pretrain") -> argparse.ArgumentParser:
             kwargs = dict(dest=f"{section}.{f.name}", default=None, help=docs.get(f.name, "").replace("%", "%%"))
             if typ is bool:
                 group.add_argument(_flag(f.name), action="store_true", **kwargs)
+            elif "list[" in str(f.type):  # e.g. --data-path: one or more values
+                group.add_argument(_flag(f.name), type=typ, nargs="+", metavar=f.name.upper(), **kwargs)
             else:
                 group.add_argument(_flag(f.name), type=typ, metavar=f.name.upper(), **kwargs)
     return parser
@@ -255,6 +322,27 @@ def config_from_args(argv: Optional[list[str]] = None) -> Config:
     return cfg
 
 
+def validate_kernels(k: KernelConfig) -> None:
+    """--transformer-impl / --fp8-format: known values, and TE present with CUDA (found without importing TE)."""
+    import importlib.util
+
+    if k.transformer_impl not in ("local", "transformer_engine"):
+        raise ConfigError(f"--transformer-impl {k.transformer_impl!r}: choose local or transformer_engine")
+    if k.fp8_format not in (None, "e4m3", "hybrid"):
+        raise ConfigError(f"--fp8-format {k.fp8_format!r}: choose e4m3 or hybrid")
+    if k.fp8_format is not None and k.transformer_impl != "transformer_engine":
+        raise ConfigError(f"--fp8-format {k.fp8_format} needs --transformer-impl transformer_engine")
+    if k.transformer_impl == "transformer_engine":
+        import torch
+
+        if importlib.util.find_spec("transformer_engine") is None:
+            raise ConfigError("--transformer-impl transformer_engine: Transformer Engine is not installed "
+                              "(pip install 'megatron-ds[te]' on a CUDA machine), or use --transformer-impl local")
+        if not torch.cuda.is_available():
+            raise ConfigError("--transformer-impl transformer_engine needs a CUDA GPU, and none is available; "
+                              "use --transformer-impl local")
+
+
 def validate(cfg: Config, world_size: int) -> None:
     """Checks that need no data: a layout that does not divide is a one-line ConfigError."""
     m, p, t = cfg.model, cfg.parallel, cfg.training
@@ -267,8 +355,6 @@ def validate(cfg: Config, world_size: int) -> None:
             f"--pipeline-model-parallel-size {pp}; launch TP*PP*DP processes"
         )
     dp = world_size // (tp * pp)
-    if pp > 1:
-        raise ConfigError(f"--pipeline-model-parallel-size {pp}: pipeline schedules are not implemented yet; use 1")
     for what, n in (("attention heads (--num-attention-heads)", m.num_attention_heads),
                     ("FFN size (--ffn-hidden-size)", m.ffn_hidden_size)):
         if n % tp != 0:
@@ -292,7 +378,15 @@ def validate(cfg: Config, world_size: int) -> None:
             f"--global-batch-size {t.global_batch_size} is not a multiple of --micro-batch-size "
             f"{t.micro_batch_size} x data-parallel size {dp}"
         )
-    if t.lr_decay_style not in ("multistep", "cosine", "constant"):
-        raise ConfigError(f"--lr-decay-style {t.lr_decay_style!r}: choose multistep, cosine or constant")
+    # Layer split and schedule checks live beside the partitioning code (model/partition.py, which
+    # imports nothing but this module), so the rules are written once.
+    from megatron_ds.model.partition import check_pipeline_config
+
+    check_pipeline_config(m.num_layers, p, t.global_batch_size // (t.micro_batch_size * dp))
+    if t.lr_decay_style not in ("multistep", "cosine", "constant", "wsd"):
+        raise ConfigError(f"--lr-decay-style {t.lr_decay_style!r}: choose multistep, cosine, constant or wsd")
+    if t.recompute_granularity not in (None, "full", "selective"):
+        raise ConfigError(f"--recompute-granularity {t.recompute_granularity!r}: choose full or selective")
+    validate_kernels(cfg.kernels)
     if m.hidden_size != m.num_attention_heads * m.head_dim and m.kv_channels is None:
         raise ConfigError(f"--num-attention-heads {m.num_attention_heads} does not divide --hidden-size {m.hidden_size}")

@@ -26,11 +26,20 @@ from megatron_ds.training.trainer import Trainer, TrainResult
 USER_ERRORS = (ConfigError, DataError, TopologyError, CheckpointError)
 
 
-def build_model(cfg: Config, state: ParallelState) -> torch.nn.Module:
-    from megatron_ds.model.deepseek import DeepSeekModel
+def build_model(cfg: Config, state: ParallelState) -> torch.nn.Module | list[torch.nn.Module]:
+    """This rank's TP shard of its pipeline stage: one module, or its list of model chunks when interleaving."""
+    from megatron_ds.kernels import select_kernels
+    from megatron_ds.model.partition import build_model_chunks
 
-    return DeepSeekModel(cfg.model, tp_group=state.tp_group, sequence_parallel=cfg.parallel.sequence_parallel,
-                         seed=cfg.training.seed, device=state.device)
+    # The model is handed its ops: csrc/ kernels unless --no-fused-kernels (or the extension is missing).
+    kernels = select_kernels(fused=not cfg.kernels.no_fused_kernels, device=state.device)
+    chunks = build_model_chunks(cfg, state.tp_group, state.pp_rank, device=state.device, kernels=kernels)
+    if cfg.kernels.transformer_impl == "transformer_engine":
+        from megatron_ds.kernels.te import use_transformer_engine  # imports TE; validate() checked it exists
+
+        for chunk in chunks:
+            use_transformer_engine(chunk, fp8_format=cfg.kernels.fp8_format)
+    return chunks[0] if len(chunks) == 1 else chunks
 
 
 def load_tokenizer(cfg: Config):
@@ -51,11 +60,15 @@ def check_data_files(cfg: Config) -> None:
     if cfg.data.mock_data:
         return
     if not cfg.data.data_path:
-        raise ConfigError("--data-path is required (a prefix written by tools/preprocess_data.py), or pass --mock-data")
-    for ext in (".bin", ".idx"):
-        if not os.path.isfile(cfg.data.data_path + ext):
-            raise DataError(f"--data-path {cfg.data.data_path}: {cfg.data.data_path + ext} not found; "
-                            "write it with tools/preprocess_data.py")
+        raise ConfigError("--data-path is required (a prefix written by tools/preprocess_data.py, or weight/prefix "
+                          "pairs to blend), or pass --mock-data")
+    from megatron_ds.data.blending import parse_data_path
+
+    _, prefixes = parse_data_path(cfg.data.data_path)
+    for prefix in prefixes:
+        for ext in (".bin", ".idx"):
+            if not os.path.isfile(prefix + ext):
+                raise DataError(f"--data-path {prefix}: {prefix + ext} not found; write it with tools/preprocess_data.py")
 
 
 def build_datasets(cfg: Config, tokenizer):
@@ -67,13 +80,24 @@ def build_datasets(cfg: Config, tokenizer):
 
         valid = MockGPTDataset(n_valid, t.seq_length, cfg.model.vocab_size, t.seed + 1) if n_valid else None
         return MockGPTDataset(n_train, t.seq_length, cfg.model.vocab_size, t.seed), valid
-    from megatron_ds.data.gpt_dataset import build_train_valid_test_datasets
+    from megatron_ds.data.blending import build_train_valid_test_datasets, default_cache_dir
 
+    d = cfg.data
+    needs_eod = [f for f, on in (("--eod-mask-loss", d.eod_mask_loss), ("--reset-position-ids", d.reset_position_ids),
+                                 ("--reset-attention-mask", d.reset_attention_mask)) if on]
+    if needs_eod and tokenizer is None:
+        raise ConfigError(f"{needs_eod[0]} needs --tokenizer-model (for the end-of-document id)")
+    # Rank 0 builds the index arrays into the cache; the others wait at the barrier and memory-map them.
+    distributed = dist.is_available() and dist.is_initialized()
     train, valid, _ = build_train_valid_test_datasets(
-        cfg.data.data_path, cfg.data.split, t.seq_length, t.seed, (n_train, n_valid, 0),
-        eod_mask_loss=cfg.data.eod_mask_loss, eod_id=tokenizer.eod if tokenizer is not None else None)
+        d.data_path, d.split, t.seq_length, t.seed, (n_train, n_valid, 0),
+        eod_mask_loss=d.eod_mask_loss, eod_id=tokenizer.eod if tokenizer is not None else None,
+        reset_position_ids=d.reset_position_ids, reset_attention_mask=d.reset_attention_mask,
+        cache_dir=d.data_cache_path or default_cache_dir(d.data_path),
+        is_builder=not distributed or dist.get_rank() == 0, barrier=dist.barrier if distributed else None)
     if train is None:
-        raise ConfigError(f"--split {cfg.data.split} leaves no training documents in --data-path {cfg.data.data_path}")
+        paths = d.data_path if isinstance(d.data_path, str) else " ".join(d.data_path)
+        raise ConfigError(f"--split {d.split} leaves no training documents in --data-path {paths}")
     return train, valid
 
 

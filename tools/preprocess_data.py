@@ -3,13 +3,18 @@
     python tools/preprocess_data.py --input data/*.jsonl.gz --output-prefix data/corpus \
         --tokenizer-model tokenizer.json --append-eod --workers 8
 
-The corpus is streamed: at most a bounded window of line chunks is in flight, so memory does not
-grow with corpus size. Several input files are concatenated, in the order given, into one output.
+The corpus is streamed: the main process reads blocks of whole lines and writes tokens, --workers
+processes decode, parse and tokenize, and at most a fixed window of blocks is in flight, so memory
+does not grow with corpus size. Several input files are concatenated, in the order given (globs
+sorted), into one output. Progress (documents/s, MB/s, ETA) goes to stderr; the summary to stdout.
+
+A bad line (not UTF-8, invalid JSON, a missing --json-keys field) stops the run with its
+file:line, leaving no output; with --skip-bad-lines it is skipped, reported (the first ones on
+stderr, all of them in {prefix}_bad_lines.txt) and counted in the summary.
 """
 
 import argparse
 import collections
-import json
 import multiprocessing
 import os
 import sys
@@ -20,87 +25,55 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_ds.data.corpus_files import expand_inputs, open_text
+from megatron_ds.data.binarize import (BLOCK_BYTES, InputError, Progress, encode_in_worker,
+                                       init_worker, read_blocks)
+from megatron_ds.data.corpus_files import expand_inputs
 from megatron_ds.data.errors import DataError
 from megatron_ds.data.indexed_dataset import IndexedDatasetBuilder, best_dtype
 from megatron_ds.data.tokenizer import build_tokenizer
 
-CHUNK_LINES = 256
-CHUNKS_IN_FLIGHT_PER_WORKER = 4
+BLOCKS_IN_FLIGHT_PER_WORKER = 4  # enough to keep workers busy; bounds memory at ~8 MB a worker
+BAD_LINES_SHOWN = 10
 
 
-class BadLine(Exception):
-    """A jsonl line that cannot be used; the message is the user-facing one-liner."""
+def encoded_blocks(files, encoder_args, workers, block_bytes):
+    """(EncodedBlock, disk bytes done) in corpus order; a Pool with a bounded window if workers > 1."""
+    done_before = 0  # disk bytes of the files already finished
 
+    def jobs():
+        nonlocal done_before
+        for path in files:
+            for first, block, pos in read_blocks(path, block_bytes):
+                yield (path, first, block), done_before + pos
+            done_before += os.path.getsize(path)
 
-_tokenizer = None  # one per process, set by _init_worker
-
-
-def _init_worker(tokenizer_path):
-    global _tokenizer
-    _tokenizer = build_tokenizer(tokenizer_path)
-
-
-def encode_chunk(path, first_line_no, lines, json_keys):
-    """Tokenize a chunk of jsonl lines.
-
-    Returns ({key: [token lists, one per document]}, None), or (None, message) for the first bad
-    line, so a worker never raises across the pool.
-    """
-    texts = {key: [] for key in json_keys}
-    for line_no, line in enumerate(lines, start=first_line_no):
-        if not line.strip():
-            continue  # blank lines, typically a trailing one, are not documents
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            return None, f"{path}:{line_no}: invalid JSON ({e.msg}); fix or remove the line"
-        for key in json_keys:
-            value = record.get(key) if isinstance(record, dict) else None
-            if not isinstance(value, str):
-                return None, (f"{path}:{line_no}: no string field {key!r}; "
-                              f"pick the field with --json-keys")
-            texts[key].append(value)
-    return {key: _tokenizer.encode_batch(texts[key]) for key in json_keys}, None
-
-
-def read_chunks(path):
-    """(first line number, list of lines) chunks of one file, read lazily."""
-    chunk, first, line_no = [], 1, 0
-    try:
-        with open_text(path) as f:
-            for line_no, line in enumerate(f, start=1):
-                if not chunk:
-                    first = line_no
-                chunk.append(line)
-                if len(chunk) == CHUNK_LINES:
-                    yield first, chunk
-                    chunk = []
-    except (UnicodeDecodeError, OSError, EOFError) as e:  # not UTF-8, corrupt or truncated .gz
-        raise BadLine(f"{path}: unreadable after line {line_no} ({type(e).__name__}); "
-                      f"inputs must be UTF-8 jsonl, optionally gzipped") from None
-    if chunk:
-        yield first, chunk
-
-
-def encoded_chunks(files, json_keys, tokenizer_path, workers):
-    """Encoded chunks in corpus order; with workers > 1 a bounded window runs in a Pool."""
-    jobs = ((path, first, lines, json_keys) for path in files for first, lines in read_chunks(path))
     if workers <= 1:
-        for job in jobs:
-            yield encode_chunk(*job)
+        init_worker(*encoder_args)
+        for job, disk in jobs():
+            encoded, error = encode_in_worker(*job)
+            if error:
+                raise InputError(error)
+            yield encoded, disk
         return
     # Pool.imap would read ahead without bound (its feeder thread drains the generator), so keep
     # our own window of async results and collect them in submission order instead.
     ctx = multiprocessing.get_context("spawn")  # no fork of a process holding tokenizer threads
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_path,)) as pool:
+    with ctx.Pool(workers, initializer=init_worker, initargs=encoder_args) as pool:
         window = collections.deque()
-        for job in jobs:
-            window.append(pool.apply_async(encode_chunk, job))
-            if len(window) >= workers * CHUNKS_IN_FLIGHT_PER_WORKER:
-                yield window.popleft().get()
+
+        def take():
+            result, disk = window.popleft()
+            encoded, error = result.get()
+            if error:
+                raise InputError(error)
+            return encoded, disk
+
+        for job, disk in jobs():
+            window.append((pool.apply_async(encode_in_worker, job), disk))
+            if len(window) >= workers * BLOCKS_IN_FLIGHT_PER_WORKER:
+                yield take()
         while window:
-            yield window.popleft().get()
+            yield take()
 
 
 def parse_args(argv):
@@ -113,7 +86,14 @@ def parse_args(argv):
     p.add_argument("--json-keys", nargs="+", default=["text"], help="fields to binarize")
     p.add_argument("--append-eod", action="store_true",
                    help="end every document with the tokenizer's EOD token")
-    p.add_argument("--workers", type=int, default=1, help="tokenizing processes")
+    p.add_argument("--workers", type=int, default=1, help="tokenizing processes (one core each)")
+    p.add_argument("--skip-bad-lines", action="store_true",
+                   help="skip (and report and count) lines that are not UTF-8, not JSON or lack a "
+                        "--json-keys field, instead of stopping at the first one")
+    p.add_argument("--progress-interval", type=float, default=None,
+                   help="seconds between progress lines on stderr (default 0.5 on a terminal, "
+                        "30 in a log)")
+    p.add_argument("--block-bytes", type=int, default=BLOCK_BYTES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error(f"--workers {args.workers}: must be >= 1")
@@ -127,33 +107,37 @@ def main(argv=None):
         tokenizer = build_tokenizer(args.tokenizer_model)
     except (FileNotFoundError, DataError) as e:
         sys.exit(f"error: {e}")
-    if args.workers == 1:
-        _init_worker(tokenizer.path)  # encode in this process
 
     out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
     os.makedirs(out_dir, exist_ok=True)
     dtype = best_dtype(tokenizer.vocab_size)
     prefixes = {k: f"{args.output_prefix}_{k}_document" for k in args.json_keys}
     builders = {k: IndexedDatasetBuilder(prefixes[k] + ".bin", dtype) for k in args.json_keys}
-    counts = {k: collections.Counter() for k in args.json_keys}
-    eod = [tokenizer.eod] if args.append_eod else []
-    start = time.time()
+    counts = collections.Counter()
+    bad_path = f"{args.output_prefix}_bad_lines.txt"
+    bad_file = None
+    progress = Progress(sum(os.path.getsize(f) for f in files), args.progress_interval)
+    encoder_args = (tokenizer.path, args.json_keys, args.append_eod, dtype, args.skip_bad_lines)
     try:
-        for encoded, error in encoded_chunks(files, args.json_keys, tokenizer.path, args.workers):
-            if error:
-                raise BadLine(error)
-            for key, docs in encoded.items():
-                for ids in docs:
-                    ids = ids + eod
-                    if not ids:
-                        counts[key]["skipped"] += 1
-                        continue
-                    builders[key].add_document(ids)
-                    counts[key]["docs"] += 1
-                    counts[key]["tokens"] += len(ids)
+        for block, disk_done in encoded_blocks(files, encoder_args, args.workers, args.block_bytes):
+            for key, builder in builders.items():
+                builder.add_documents(block.tokens[key], block.lengths[key])
+            first_key = args.json_keys[0]
+            counts["docs"] += len(block.lengths[first_key])
+            counts["tokens"] += sum(len(t) for t in block.tokens.values())
+            counts["empty"] += block.empty
+            for line in block.bad:
+                if counts["bad"] < BAD_LINES_SHOWN:
+                    print(f"warning: skipped {line}", file=sys.stderr)
+                if bad_file is None:
+                    bad_file = open(bad_path, "w", encoding="utf-8")
+                bad_file.write(line + "\n")
+                counts["bad"] += 1
+            progress.update(len(block.lengths[first_key]), block.num_bytes, disk_done)
+        progress.close()
         for key, builder in builders.items():
             builder.finalize(prefixes[key] + ".idx")
-    except BadLine as e:
+    except (InputError, DataError) as e:
         for builder in builders.values():
             builder.abort()
         sys.exit(f"error: {e}")
@@ -161,12 +145,17 @@ def main(argv=None):
         for builder in builders.values():
             builder.abort()
         raise
+    finally:
+        if bad_file is not None:
+            bad_file.close()
 
-    seconds = time.time() - start
-    for key in args.json_keys:
-        c = counts[key]
-        print(f"{prefixes[key]}.{{bin,idx}}: {c['docs']} documents, {c['tokens']} tokens "
-              f"({dtype}), {c['skipped']} empty documents skipped, {seconds:.1f}s")
+    seconds = max(time.monotonic() - progress.start, 1e-9)
+    bad = (f", {counts['bad']} bad lines skipped (listed in {bad_path})" if counts["bad"]
+           else ", 0 bad lines")
+    print(f"{args.output_prefix}_{{{','.join(args.json_keys)}}}_document.{{bin,idx}}: "
+          f"{counts['docs']} documents, {counts['tokens']} tokens ({dtype}), "
+          f"{counts['empty']} empty documents skipped{bad}, {seconds:.1f}s, "
+          f"{progress.bytes / seconds / 1e6:.1f} MB/s, {counts['tokens'] / seconds:,.0f} tokens/s")
     return 0
 
 

@@ -51,7 +51,7 @@ def iter_texts(files, json_keys):
     """Documents of jsonl files (one per key per line) and lines of text files, streamed."""
     for path in files:
         with open_text(path) as f:
-            for line_no, line in enumerate(f, start=1):
+            for line_no, line in _numbered_lines(f, path):
                 if not is_jsonl(path):
                     yield line
                     continue
@@ -64,6 +64,16 @@ def iter_texts(files, json_keys):
                 for key in json_keys:
                     if isinstance(record, dict) and isinstance(record.get(key), str):
                         yield record[key]
+
+
+def _numbered_lines(f, path):
+    line_no = 0
+    try:
+        for line_no, line in enumerate(f, start=1):
+            yield line_no, line
+    except UnicodeDecodeError:
+        # Text mode decodes ahead in blocks, so the bad line is somewhere after the last one read.
+        raise ValueError(f"{path}: not UTF-8 (after line {line_no}); re-encode the file as UTF-8") from None
 
 
 def output_file(output: str) -> str:
@@ -86,6 +96,10 @@ def parse_args(argv):
                    help="tokens including the special tokens")
     p.add_argument("--min-frequency", type=int, default=2, help="least count of a merged pair")
     p.add_argument("--output", default="tokenizer.json", help="tokenizer.json path or directory")
+    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="for the padded-vocabulary report: the trainer's flag of the same name")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                   help="for the padded-vocabulary report: the TP size you will train with")
     args = p.parse_args(argv)
     if args.vocab_size < 256 + len(SPECIAL_TOKENS):
         p.error(f"--vocab-size {args.vocab_size}: must be at least "
@@ -113,8 +127,11 @@ def main(argv=None):
     path = output_file(args.output)
     tok.save(path)
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
-    print(f"wrote {path}: vocab size {vocab_size}, padded model vocab (TP=1) "
-          f"{pad_vocab_size(vocab_size, 1)}")
+    tp = args.tensor_model_parallel_size
+    padded = pad_vocab_size(vocab_size, tp, args.make_vocab_size_divisible_by)
+    ids = ", ".join(f"{t}={tok.token_to_id(t)}" for t in SPECIAL_TOKENS)
+    print(f"wrote {path}: vocab size {vocab_size}, padded model vocab (TP={tp}) {padded} "
+          f"(--vocab-size {vocab_size} for the trainer); special tokens {ids}")
     return 0
 
 

@@ -63,7 +63,8 @@ def save_checkpoint(root: str, iteration: int, consumed_samples: int, cfg: Confi
         shard_dir = os.path.join(tmp, _shard_name(state))
         os.makedirs(shard_dir, exist_ok=True)
         payload = {
-            "model": model.state_dict(),
+            # Interleaved pipeline: one state dict per model chunk, chunk order.
+            "model": [m.state_dict() for m in model] if isinstance(model, (list, tuple)) else model.state_dict(),
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "iteration": iteration,
             "consumed_train_samples": consumed_samples,
@@ -107,7 +108,11 @@ def load_checkpoint(root: str, state: ParallelState, model: torch.nn.Module,
         raise CheckpointError(
             f"--load {root}: saved at TP {payload['tp_size']} x PP {payload['pp_size']}, this run is "
             f"TP {state.tp_size} x PP {state.pp_size}; use the layout it was saved with")
-    model.load_state_dict(payload["model"])
+    if isinstance(model, (list, tuple)):
+        for m, sd in zip(model, payload["model"], strict=True):
+            m.load_state_dict(sd)
+    else:
+        model.load_state_dict(payload["model"])
     if optimizer is not None and payload["optimizer"] is not None:
         optimizer.load_state_dict(payload["optimizer"])
     return payload["iteration"], payload["consumed_train_samples"]

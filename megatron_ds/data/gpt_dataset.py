@@ -5,9 +5,13 @@ samples need), cut into samples of seq_length + 1 tokens that overlap by one, an
 visited in a seeded random order. See sample_index.py for the three arrays.
 """
 
+import hashlib
+import os
+
 import numpy as np
 
 from megatron_ds.data.errors import DataError
+from megatron_ds.data.index_cache import cached_arrays
 from megatron_ds.data.indexed_dataset import IndexedDataset
 from megatron_ds.data.sample_index import (build_document_index, build_sample_index,
                                            build_shuffle_index, num_epochs_needed)
@@ -15,15 +19,30 @@ from megatron_ds.data.sample_index import (build_document_index, build_sample_in
 
 class GPTDataset:
     """num_samples samples of a split; item i is a dict of numpy arrays, each (seq_length,):
-    tokens, labels (int64), loss_mask (float32), position_ids (int64)."""
+    tokens, labels (int64), loss_mask (float32), position_ids (int64), and with
+    reset_attention_mask also document_ids (int64).
+
+    eod_mask_loss: loss_mask is 0 where the input token is EOD.
+    reset_position_ids: positions restart at 0 after every EOD (each document starts at 0).
+    reset_attention_mask: document_ids[j] = number of EODs in tokens[:j]; a token may attend only
+        to earlier tokens with the same id (the model's ``document_ids`` argument).
+    cache_dir / is_builder / barrier: see index_cache.cached_arrays; without cache_dir the
+        indices are built in memory.
+    """
 
     def __init__(self, indexed: IndexedDataset, document_ids: np.ndarray, num_samples: int,
-                 seq_length: int, seed: int, eod_mask_loss: bool = False, eod_id: int = None):
+                 seq_length: int, seed: int, eod_mask_loss: bool = False, eod_id: int = None,
+                 reset_position_ids: bool = False, reset_attention_mask: bool = False,
+                 cache_dir: str = None, is_builder: bool = True, barrier=None):
         if num_samples < 1 or seq_length < 1:
             raise ValueError(f"GPTDataset needs num_samples >= 1 and seq_length >= 1, got "
                              f"{num_samples} and {seq_length}")
-        if eod_mask_loss and eod_id is None:
-            raise ValueError("eod_mask_loss=True needs eod_id (the tokenizer's .eod)")
+        needs_eod = [n for n, on in (("eod_mask_loss", eod_mask_loss),
+                                     ("reset_position_ids", reset_position_ids),
+                                     ("reset_attention_mask", reset_attention_mask)) if on]
+        if needs_eod and eod_id is None:
+            raise ValueError(f"{needs_eod[0]}=True needs eod_id (the tokenizer's .eod); "
+                             f"pass --tokenizer-model")
         if not 0 <= seed < 2**32:
             raise ValueError(f"--seed {seed}: must be in [0, 2**32) for numpy's RandomState")
         document_ids = np.asarray(document_ids, dtype=np.int64)
@@ -33,19 +52,41 @@ class GPTDataset:
         self.num_samples = num_samples
         self.seq_length = seq_length
         self.eod_mask_loss = eod_mask_loss
+        self.reset_position_ids = reset_position_ids
+        self.reset_attention_mask = reset_attention_mask
         self.eod_id = eod_id
 
         tokens_per_epoch = int(indexed.sequence_lengths[document_ids].astype(np.int64).sum())
         if tokens_per_epoch == 0:
             raise DataError(f"{indexed.prefix}: the split's {len(document_ids)} documents hold no "
                             f"tokens; change --split or the corpus")
-        # One RNG for both shuffles, in this order, so a seed fixes every array.
-        rng = np.random.RandomState(seed)
-        num_epochs = num_epochs_needed(tokens_per_epoch, num_samples, seq_length)
-        self.document_index = build_document_index(document_ids, num_epochs, rng)
-        self.sample_index = build_sample_index(indexed.sequence_lengths, self.document_index,
-                                               seq_length, num_samples)
-        self.shuffle_index = build_shuffle_index(num_samples, rng)
+
+        def build():
+            # One RNG for both shuffles, in this order, so a seed fixes every array.
+            rng = np.random.RandomState(seed)
+            num_epochs = num_epochs_needed(tokens_per_epoch, num_samples, seq_length)
+            document_index = build_document_index(document_ids, num_epochs, rng)
+            sample_index = build_sample_index(indexed.sequence_lengths, document_index,
+                                              seq_length, num_samples)
+            shuffle_index = build_shuffle_index(num_samples, rng)
+            return {"document_index": document_index, "sample_index": sample_index,
+                    "shuffle_index": shuffle_index}
+
+        description = {
+            "class": "GPTDataset", "prefix": os.path.abspath(indexed.prefix),
+            "idx_bytes": os.path.getsize(indexed.prefix + ".idx"),
+            "idx_mtime_ns": os.stat(indexed.prefix + ".idx").st_mtime_ns,
+            "bin_bytes": os.path.getsize(indexed.prefix + ".bin"),
+            "document_ids": hashlib.sha256(document_ids.tobytes()).hexdigest(),
+            "num_documents": len(document_ids), "num_samples": num_samples,
+            "seq_length": seq_length, "seed": seed,
+        }
+        arrays = cached_arrays(cache_dir, "gpt", description,
+                               ("document_index", "sample_index", "shuffle_index"), build,
+                               is_builder=is_builder, barrier=barrier)
+        self.document_index = arrays["document_index"]
+        self.sample_index = arrays["sample_index"]
+        self.shuffle_index = arrays["shuffle_index"]
         self._position_ids = np.arange(seq_length, dtype=np.int64)
 
     def __len__(self) -> int:
@@ -70,13 +111,27 @@ class GPTDataset:
             raise IndexError(f"sample {i} out of range ({self.num_samples} samples)")
         x = self.sample_tokens(self.shuffle_index[i])  # (seq_length + 1,)
         tokens, labels = x[:-1], x[1:]
-        loss_mask = np.ones(self.seq_length, dtype=np.float32)
+        item = {"tokens": tokens, "labels": labels,
+                "loss_mask": np.ones(self.seq_length, dtype=np.float32),
+                "position_ids": self._position_ids.copy()}
+        if self.eod_mask_loss or self.reset_position_ids or self.reset_attention_mask:
+            is_eod = tokens == self.eod_id
         if self.eod_mask_loss:
             # Megatron masks where the *input* is EOD: predicting a new document's first token
             # from the previous document's context teaches nothing. Predicting EOD still counts.
-            loss_mask[tokens == self.eod_id] = 0.0
-        return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask,
-                "position_ids": self._position_ids.copy()}
+            item["loss_mask"][is_eod] = 0.0
+        if self.reset_position_ids or self.reset_attention_mask:
+            # Token j belongs to the document numbered by the EODs strictly before it; an EOD
+            # closes its own document.
+            document_ids = np.zeros(self.seq_length, dtype=np.int64)
+            np.cumsum(is_eod[:-1], out=document_ids[1:])
+            if self.reset_position_ids:
+                # Position = j - (index of the first token of j's document).
+                starts = np.flatnonzero(np.diff(document_ids, prepend=-1))  # (num_docs,)
+                item["position_ids"] -= starts[document_ids]
+            if self.reset_attention_mask:
+                item["document_ids"] = document_ids
+        return item
 
 
 def parse_split(split) -> tuple[float, float, float]:
@@ -108,24 +163,3 @@ def split_document_ids(num_docs: int, split) -> tuple[range, range, range]:
     diff = bounds[-1] - num_docs
     bounds = [0] + [b - diff for b in bounds[1:]]
     return tuple(range(bounds[k], bounds[k + 1]) for k in range(3))
-
-
-def build_train_valid_test_datasets(data_prefix: str, split: str, seq_length: int, seed: int,
-                                    num_samples: tuple[int, int, int], eod_mask_loss=False,
-                                    eod_id=None):
-    """(train, valid, test) GPTDatasets over one corpus; an entry is None when its block of
-    documents is empty or it was asked for 0 samples."""
-    indexed = IndexedDataset(data_prefix)
-    if indexed.num_documents != len(indexed):
-        raise DataError(f"{data_prefix}: {len(indexed)} sequences in {indexed.num_documents} "
-                        f"documents; sentence-split corpora are not supported, rebuild without "
-                        f"sentence splitting")
-    datasets = []
-    for ids, n in zip(split_document_ids(indexed.num_documents, split), num_samples):
-        if len(ids) == 0 or n == 0:
-            datasets.append(None)
-            continue
-        document_ids = np.arange(ids.start, ids.stop, dtype=np.int64)
-        datasets.append(GPTDataset(indexed, document_ids, n, seq_length, seed,
-                                   eod_mask_loss=eod_mask_loss, eod_id=eod_id))
-    return tuple(datasets)

@@ -44,11 +44,57 @@ def idx_path(prefix: str) -> str:
     return prefix + ".idx"
 
 
+class _SpilledInt64:
+    """An append-only int64 array that keeps at most `buffer` values in memory and spills the rest
+    to a temporary file, so a builder's memory does not grow with the number of documents."""
+
+    def __init__(self, path: str, buffer: int = 1 << 20):
+        self.path, self.buffer = path, buffer
+        self._file = open(path, "wb")
+        self._pending = array("q")
+        self.count = 0
+
+    def extend(self, values) -> None:
+        values = np.asarray(values, dtype=np.int64)
+        self._pending.frombytes(values.tobytes())
+        self.count += len(values)
+        if len(self._pending) >= self.buffer:
+            self._flush()
+
+    def append(self, value: int) -> None:
+        self._pending.append(value)
+        self.count += 1
+        if len(self._pending) >= self.buffer:
+            self._flush()
+
+    def _flush(self) -> None:
+        self._file.write(self._pending.tobytes())
+        self._pending = array("q")
+
+    def blocks(self, size: int = 1 << 20):
+        """The values in order, as int64 arrays of at most `size`."""
+        self._flush()
+        self._file.flush()
+        with open(self.path, "rb") as f:
+            while True:
+                raw = f.read(8 * size)
+                if not raw:
+                    return
+                yield np.frombuffer(raw, dtype=np.int64)
+
+    def close(self) -> None:
+        self._file.close()
+        if os.path.exists(self.path):
+            os.remove(self.path)
+
+
 class IndexedDatasetBuilder:
     """Appends documents to `bin_path`; `finalize(idx_path)` writes the index and publishes both.
 
     Both files are written as `*.tmp` and renamed only in finalize, .bin first and .idx last (after
     removing any old .idx), so a crash leaves at worst a .bin without .idx, which readers reject.
+    Sequence lengths and document boundaries are spilled to temporary files as they come, so
+    memory stays bounded whatever the corpus size.
     """
 
     def __init__(self, bin_path: str, dtype=np.int32):
@@ -60,16 +106,11 @@ class IndexedDatasetBuilder:
         self._bin_tmp = bin_path + ".tmp"
         self._idx_tmp = None
         self._bin = open(self._bin_tmp, "wb")
-        # Compact growable arrays: a corpus has hundreds of millions of documents.
-        self._lengths = array("q")
-        self._doc_boundaries = array("q", [0])
+        self._lengths = _SpilledInt64(bin_path + ".lengths.tmp")
+        self._doc_boundaries = _SpilledInt64(bin_path + ".docs.tmp")
+        self._doc_boundaries.append(0)
 
-    def add_document(self, tokens) -> None:
-        """Append one document as one sequence (no sentence splitting)."""
-        arr = np.asarray(tokens)
-        if arr.ndim != 1:
-            raise DataError(f"{self.bin_path}: a document must be a 1-D token array, "
-                            f"got shape {arr.shape}")
+    def _check_values(self, arr: np.ndarray) -> None:
         if arr.size and self.dtype.kind in "iu" and arr.dtype != self.dtype:
             info = np.iinfo(self.dtype)
             lo, hi = arr.min(), arr.max()
@@ -77,31 +118,75 @@ class IndexedDatasetBuilder:
                 raise DataError(f"{self.bin_path}: token values [{lo}, {hi}] do not fit "
                                 f"{self.dtype}; use a wider dtype (int32 for vocabularies "
                                 f">= 65500)")
-        if arr.size >= 2**31:
-            raise DataError(f"{self.bin_path}: a document of {arr.size} tokens exceeds the "
-                            f"int32 length field; split it")
+
+    def add_document(self, tokens) -> None:
+        """Append one document as one sequence (no sentence splitting)."""
+        arr = np.asarray(tokens)
+        if arr.ndim != 1:
+            raise DataError(f"{self.bin_path}: a document must be a 1-D token array, "
+                            f"got shape {arr.shape}")
+        self.add_documents(arr, [arr.size])
+
+    def add_documents(self, tokens, lengths) -> None:
+        """Append len(lengths) documents, one sequence each, whose tokens lie back to back in the
+        1-D array `tokens` (the bulk path of tools/preprocess_data.py)."""
+        arr = np.asarray(tokens)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if arr.ndim != 1 or int(lengths.sum()) != arr.size:
+            raise DataError(f"{self.bin_path}: {arr.size} tokens do not match the document "
+                            f"lengths (sum {int(lengths.sum())})")
+        if len(lengths) and lengths.max() >= 2**31:
+            raise DataError(f"{self.bin_path}: a document of {int(lengths.max())} tokens exceeds "
+                            f"the int32 length field; split it")
+        self._check_values(arr)
         self._bin.write(arr.astype(self.dtype, copy=False).tobytes(order="C"))
-        self._lengths.append(arr.size)
-        self._doc_boundaries.append(len(self._lengths))
+        first = self._lengths.count
+        self._lengths.extend(lengths)
+        self._doc_boundaries.extend(np.arange(first + 1, first + len(lengths) + 1))
+
+    def add_index(self, prefix: str) -> None:
+        """Append a whole existing dataset (its sequences and document boundaries), streaming its
+        .bin; the dtypes must match."""
+        other = IndexedDataset(prefix)
+        if other.dtype != self.dtype:
+            raise DataError(f"{prefix}: dtype {other.dtype} differs from {self.dtype} of the "
+                            f"datasets before it; merge only datasets of one tokenizer")
+        first = self._lengths.count
+        self._lengths.extend(other.sequence_lengths)
+        self._doc_boundaries.extend(np.asarray(other.document_indices[1:]) + first)
+        needed = (int(other.sequence_pointers[-1]) + int(other.sequence_lengths[-1])
+                  * other.dtype.itemsize) if len(other) else 0
+        with open(bin_path(prefix), "rb") as f:
+            while needed:
+                block = f.read(min(needed, 64 << 20))
+                self._bin.write(block)
+                needed -= len(block)
 
     def __len__(self):
-        return len(self._lengths)
+        return self._lengths.count
+
+    @property
+    def num_documents(self) -> int:
+        return self._doc_boundaries.count - 1
 
     def finalize(self, idx_path: str) -> None:
         self._bin.close()
-        lengths = np.frombuffer(self._lengths, dtype=np.int64)
-        # Byte offsets, accumulated in int64: corpora pass 2**31 bytes early.
-        pointers = np.zeros(len(lengths), dtype=np.int64)
-        if len(lengths) > 1:
-            np.cumsum(lengths[:-1] * self.dtype.itemsize, out=pointers[1:])
-        boundaries = np.frombuffer(self._doc_boundaries, dtype=np.int64)
+        num_seqs, num_bounds = self._lengths.count, self._doc_boundaries.count
         self._idx_tmp = idx_path + ".tmp"
         with open(self._idx_tmp, "wb") as f:
-            f.write(HEADER.pack(MAGIC, VERSION, CODE_OF_DTYPE[self.dtype], len(lengths),
-                                len(boundaries)))
-            f.write(lengths.astype("<i4").tobytes())
-            f.write(pointers.astype("<i8").tobytes())
-            f.write(boundaries.astype("<i8").tobytes())
+            f.write(HEADER.pack(MAGIC, VERSION, CODE_OF_DTYPE[self.dtype], num_seqs, num_bounds))
+            for block in self._lengths.blocks():
+                f.write(block.astype("<i4").tobytes())
+            # Byte offsets, accumulated in int64: corpora pass 2**31 bytes early.
+            offset = 0
+            for block in self._lengths.blocks():
+                ends = np.cumsum(block * self.dtype.itemsize) + offset
+                f.write((ends - block * self.dtype.itemsize).astype("<i8").tobytes())
+                offset = int(ends[-1])
+            for block in self._doc_boundaries.blocks():
+                f.write(block.astype("<i8").tobytes())
+        self._lengths.close()
+        self._doc_boundaries.close()
         if os.path.exists(idx_path):
             os.remove(idx_path)
         os.replace(self._bin_tmp, self.bin_path)
@@ -110,6 +195,8 @@ class IndexedDatasetBuilder:
     def abort(self) -> None:
         """Close and delete the temporary files; nothing is published."""
         self._bin.close()
+        self._lengths.close()
+        self._doc_boundaries.close()
         for path in (self._bin_tmp, self._idx_tmp):
             if path and os.path.exists(path):
                 os.remove(path)

@@ -1,14 +1,49 @@
 """The three index arrays that turn a split's documents into fixed-length GPT samples.
 
-Isolated here so a compiled version can replace them; each is a pure function of its inputs (the
-RNG is passed in, so the call order fixes the result). All indices are int64.
+Each is a pure function of its inputs (the RNG is passed in, so the call order fixes the result).
+The sample index is built by the C++ walk of megatron_ds._C_data (csrc/data/helpers.cpp, compiled
+at install) when it is importable, else by the NumPy version here, with one warning; both give the
+same rows. The document and shuffle indices are int64; the sample index is int32 while every
+position and offset fits, int64 beyond (stream positions are accumulated in int64 either way).
 
 Terms: the *stream* is the concatenation of documents in document-index order; sample i reads the
 stream's tokens [i * seq_length, i * seq_length + seq_length] (seq_length + 1 of them), so
 consecutive samples share one token: the last input-side token of one is the first of the next.
 """
 
+import warnings
+
 import numpy as np
+
+try:
+    from megatron_ds import _C_data
+except ImportError:  # built by `pip install --no-build-isolation -e .`; never compiled at run time
+    _C_data = None
+
+_warned = False
+
+
+def compiled_helpers():
+    """The compiled module, or None after warning once that the NumPy fallback is used."""
+    global _warned
+    if _C_data is None and not _warned:
+        _warned = True
+        warnings.warn("megatron_ds._C_data is not built; building dataset indices with NumPy "
+                      "(slower). Reinstall with `pip install --no-build-isolation -e .` to "
+                      "compile csrc/data/helpers.cpp.", RuntimeWarning, stacklevel=3)
+    return _C_data
+
+
+INT32_MAX = np.iinfo(np.int32).max
+
+
+def sample_index_dtype(document_index_length: int, max_document_length: int) -> np.dtype:
+    """int32 when every stored value (positions in the document index, offsets inside a document)
+    fits, else int64. Offsets are below the longest document, which the .idx format caps at 2^31-1,
+    so in practice the document index passing 2^31 entries is what selects int64."""
+    if document_index_length <= INT32_MAX and max_document_length <= INT32_MAX:
+        return np.dtype(np.int32)
+    return np.dtype(np.int64)
 
 
 def num_epochs_needed(tokens_per_epoch: int, num_samples: int, seq_length: int) -> int:
@@ -31,13 +66,43 @@ def build_document_index(document_ids: np.ndarray, num_epochs: int,
 
 
 def build_sample_index(sequence_lengths: np.ndarray, document_index: np.ndarray,
-                       seq_length: int, num_samples: int) -> np.ndarray:
-    """Where each sample starts: (num_samples + 1, 2) int64 rows of (position in document_index,
-    token offset in that document).
+                       seq_length: int, num_samples: int, dtype=None, use_cpp=None) -> np.ndarray:
+    """Where each sample starts: (num_samples + 1, 2) rows of (position in document_index,
+    token offset in that document), of sample_index_dtype() unless dtype is given.
 
     Row i + 1 is where sample i ends, inclusive, which is also where sample i + 1 starts (the
     shared token). Row 0 is (0, 0) as in Megatron, even when the first document is empty.
+    use_cpp: None = the compiled walk when built, True = require it, False = NumPy.
     """
+    document_index = np.asarray(document_index, dtype=np.int64)
+    needed = num_samples * seq_length + 1
+    if dtype is None:
+        longest = int(np.max(sequence_lengths)) if len(sequence_lengths) else 0
+        dtype = sample_index_dtype(len(document_index), longest)
+    dtype = np.dtype(dtype)
+    helpers = compiled_helpers() if use_cpp is None else (_require_cpp() if use_cpp else None)
+    if helpers is not None:
+        build = (helpers.build_sample_index_int32 if dtype == np.int32
+                 else helpers.build_sample_index_int64)
+        try:
+            return build(np.asarray(sequence_lengths, dtype=np.int32), document_index,
+                         int(seq_length), int(num_samples))
+        except IndexError:  # std::out_of_range: the stream ran short (or a bad document id)
+            total = int(np.asarray(sequence_lengths, dtype=np.int64)[document_index].sum())
+            raise ValueError(f"document index holds {total} tokens, {needed} needed") from None
+    return _build_sample_index_numpy(sequence_lengths, document_index, seq_length,
+                                     num_samples).astype(dtype, copy=False)
+
+
+def _require_cpp():
+    if _C_data is None:
+        raise RuntimeError("megatron_ds._C_data is not built; reinstall with "
+                           "`pip install --no-build-isolation -e .`")
+    return _C_data
+
+
+def _build_sample_index_numpy(sequence_lengths, document_index, seq_length, num_samples):
+    """The same rows as the C++ walk, vectorized: a cumulative sum and a binary search, int64."""
     lengths = np.asarray(sequence_lengths, dtype=np.int64)[document_index]  # (num_docs_in_index,)
     ends = np.cumsum(lengths)  # stream position one past each document
     needed = num_samples * seq_length + 1

@@ -32,3 +32,18 @@ def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, base: float,
     freqs = position_ids.t().float()[..., None] * inv_freq  # (s, b, d/2)
     angles = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # (s, b, 1, d)
     return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary_qk(qkv: torch.Tensor, num_rotated_heads: int, head_dim: int, cos: torch.Tensor,
+                    sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``num_rotated_heads`` heads of ``qkv [s, b, heads * d]`` by cos/sin [s, b, 1, d].
+
+    The fused QKV output is [q heads | k heads | v heads] per token, so ``nq + nkv`` rotated heads
+    are exactly q and k (GQA: nkv may differ from nq); the rest (v) passes through. Returns a new
+    tensor; the fused version (kernels/fused.py) rotates ``qkv`` in place instead, so callers must
+    use the returned tensor and not reuse their input.
+    """
+    s, b = qkv.shape[:2]
+    heads = qkv.view(s, b, -1, head_dim)
+    rotated = apply_rotary_pos_emb(heads[:, :, :num_rotated_heads], cos, sin)
+    return torch.cat([rotated, heads[:, :, num_rotated_heads:]], dim=2).view(qkv.shape)

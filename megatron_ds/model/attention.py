@@ -22,12 +22,14 @@ single-process model, so init does not depend on the layout.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from megatron_ds.config import ModelConfig
-from megatron_ds.kernels import apply_rotary_pos_emb
+from megatron_ds.kernels import Kernels, select_kernels
 from megatron_ds.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron_ds.parallel.mappings import (
     copy_to_tensor_model_parallel_region,
@@ -105,8 +107,10 @@ class Attention(nn.Module):
     """[s,b,h] (SP: [s/tp,b,h]) -> QKV -> RoPE -> causal SDPA over this rank's heads -> out-proj -> same shape."""
 
     def __init__(self, config: ModelConfig, layer_number: int, *, tp_group=None, sequence_parallel: bool = False,
-                 seed: int = 1234, params_dtype: torch.dtype = torch.float32, device=None):
+                 seed: int = 1234, params_dtype: torch.dtype = torch.float32, device=None,
+                 kernels: Kernels | None = None):
         super().__init__()
+        self.kernels = kernels or select_kernels()
         tp, rank = group_size(tp_group), group_rank(tp_group)
         h, d = config.hidden_size, config.head_dim
         nq, nkv = config.num_attention_heads, config.num_kv_heads
@@ -141,21 +145,28 @@ class Attention(nn.Module):
         return (f"local_heads={self.num_local_heads}, local_kv_heads={self.num_local_kv_heads}, "
                 f"head_dim={self.head_dim}, replicated_kv={self.replicated_kv}")
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """attention_mask: None for plain causal attention, or bool [b, 1, s, s] with True where
+        query i may attend key j (it must include causality; see deepseek.document_causal_mask)."""
         d, nq, nkv = self.head_dim, self.num_local_heads, self.num_local_kv_heads
         if self.replicated_kv:
             # Under SP both q and kv all-gather x: twice the gather of the fused case, but only in
             # this TP > KV-heads layout, and it keeps both layers' backward contracts plain.
-            q = self.q(x)  # [s, b, nq d]
-            k, v = self.kv(x).split([d, d], dim=-1)  # [s, b, d] each
+            # RoPE on all of q, and on the k half of kv (its first head); the fused kernel works in place.
+            q = self.kernels.apply_rotary_qk(self.q(x), nq, d, cos, sin)  # [s, b, nq d]
+            k, v = self.kernels.apply_rotary_qk(self.kv(x), 1, d, cos, sin).split([d, d], dim=-1)  # [s, b, d] each
         else:
-            q, k, v = self.qkv(x).split([nq * d, nkv * d, nkv * d], dim=-1)
+            # RoPE on the first nq + nkv heads of [q | k | v]: q and k.
+            qkv = self.kernels.apply_rotary_qk(self.qkv(x), nq + nkv, d, cos, sin)
+            q, k, v = qkv.split([nq * d, nkv * d, nkv * d], dim=-1)
         s, b = q.shape[:2]
-        q = apply_rotary_pos_emb(q.view(s, b, nq, d), cos, sin)
-        k = apply_rotary_pos_emb(k.view(s, b, nkv, d), cos, sin)
-        v = v.view(s, b, nkv, d)
+        q, k, v = q.view(s, b, nq, d), k.view(s, b, nkv, d), v.view(s, b, nkv, d)
         # SDPA wants [b, n, s, d]; query head i uses KV head i // (nq / nkv), as HF's repeat_kv.
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=nq != nkv)  # [b, nq, s, d]
+        if attention_mask is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=nq != nkv)  # [b, nq, s, d]
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, enable_gqa=nq != nkv)
         o = o.permute(2, 0, 1, 3).reshape(s, b, nq * d)
         return self.out(o)  # [s, b, h] (SP: [s/tp, b, h])

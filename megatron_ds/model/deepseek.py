@@ -34,10 +34,9 @@ import torch
 from torch import nn
 
 from megatron_ds.config import ModelConfig
-from megatron_ds.kernels import rotary_cos_sin
+from megatron_ds.kernels import Kernels, rotary_cos_sin, select_kernels
 from megatron_ds.model.rmsnorm import RMSNorm
 from megatron_ds.model.transformer_layer import TransformerLayer
-from megatron_ds.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_ds.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
 from megatron_ds.parallel.random import init_method_normal, param_generator
 from megatron_ds.parallel.topology import group_size
@@ -48,8 +47,12 @@ class DeepSeekModel(nn.Module):
 
     def __init__(self, config: ModelConfig, *, tp_group=None, sequence_parallel: bool = False,
                  pre_process: bool = True, post_process: bool = True, layer_range: Optional[range] = None,
-                 seed: int = 1234, device=None, params_dtype: torch.dtype = torch.float32):
+                 seed: int = 1234, device=None, params_dtype: torch.dtype = torch.float32,
+                 kernels: Optional[Kernels] = None):
         super().__init__()
+        # The ops every layer calls: fused (csrc/) by default, the pure-PyTorch references when
+        # handed select_kernels(fused=False) (--no-fused-kernels).
+        self.kernels = kernels = kernels or select_kernels(device=device)
         tp = group_size(tp_group)
         layer_range = range(config.num_layers) if layer_range is None else layer_range
         if len(layer_range) and (layer_range[0] < 0 or layer_range[-1] >= config.num_layers):
@@ -68,20 +71,23 @@ class DeepSeekModel(nn.Module):
         if pre_process:
             self.embedding = VocabParallelEmbedding(self.padded_vocab_size, h, init_method=init,
                                                     init_generator=param_generator(seed, "embedding", device), **common)
-        self.layers = nn.ModuleDict({str(i): TransformerLayer(config, i, seed=seed, **common) for i in layer_range})
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(config, i, seed=seed, kernels=kernels, **common) for i in layer_range})
         if post_process:
-            self.final_norm = RMSNorm(h, config.norm_epsilon, sequence_parallel=self.sequence_parallel,
+            self.final_norm = RMSNorm(h, config.norm_epsilon, sequence_parallel=self.sequence_parallel, kernels=kernels,
                                       params_dtype=params_dtype, device=device)
             # Under SP the LM head's input is [s/tp, b, h]; the ColumnParallelLinear all-gathers it.
             self.lm_head = ColumnParallelLinear(h, self.padded_vocab_size, init_method=init, gather_output=False,
                                                 init_generator=param_generator(seed, "lm_head", device), **common)
 
     def forward(self, input_ids: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None, hidden_states: Optional[torch.Tensor] = None) -> torch.Tensor:
+                labels: Optional[torch.Tensor] = None, hidden_states: Optional[torch.Tensor] = None,
+                document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Run this rank's stage.
 
         input_ids [b, s] (first stage) or hidden_states [s, b, h] (other stages; [s/tp, b, h] under SP);
         position_ids [b, s] default 0..s-1 for every sequence.
+        document_ids [b, s] int (--reset-attention-mask; the batch key "document_ids"): when given,
+        token i attends token j only if j <= i and both have the same id; default plain causal.
         Returns, last stage: per-token loss [b, s] fp32 if labels [b, s] are given, else this rank's
         vocab-parallel logits [b, s, V_padded/tp] (a transposed view of [s, b, ...]; columns at
         global index >= config.vocab_size are padding). Other stages: hidden [s, b, h] ([s/tp, b, h] under SP).
@@ -101,8 +107,9 @@ class DeepSeekModel(nn.Module):
         # Every layer rotates the full sequence (attention gathers it under SP): tables [s, b, 1, d].
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rotary_base, dtype=hidden.dtype)
 
+        attention_mask = None if document_ids is None else document_causal_mask(document_ids)
         for layer in self.layers.values():
-            hidden = layer(hidden, cos, sin)
+            hidden = layer(hidden, cos, sin, attention_mask)
         if not self.post_process:
             return hidden
 
@@ -110,5 +117,15 @@ class DeepSeekModel(nn.Module):
         if labels is None:
             return logits.transpose(0, 1)
         # Loss in the [s, b] layout the logits already have; only the small loss tensor is transposed.
-        loss = vocab_parallel_cross_entropy(logits, labels.t(), self.tp_group, vocab_size=self.config.vocab_size)
+        # (The fused cross-entropy writes its gradient over `logits`, which nothing else reads.)
+        loss = self.kernels.cross_entropy(logits, labels.t(), self.tp_group, vocab_size=self.config.vocab_size)
         return loss.t()  # [b, s] fp32
+
+
+def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """[b, s] document ids -> bool [b, 1, s, s]: True where query i may attend key j, i.e.
+    j <= i and the same document (every row keeps its diagonal, so no row is fully masked)."""
+    s = document_ids.shape[-1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=document_ids.device).tril()
+    same_doc = document_ids[:, :, None] == document_ids[:, None, :]  # [b, s, s]
+    return (same_doc & causal).unsqueeze(1)

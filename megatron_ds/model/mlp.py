@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from megatron_ds.config import ModelConfig
-from megatron_ds.kernels import swiglu
+from megatron_ds.kernels import Kernels, select_kernels
 from megatron_ds.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron_ds.parallel.random import init_method_normal, param_generator
 
@@ -20,8 +20,10 @@ class MLP(nn.Module):
     """
 
     def __init__(self, config: ModelConfig, layer_number: int, *, tp_group=None, sequence_parallel: bool = False,
-                 seed: int = 1234, params_dtype: torch.dtype = torch.float32, device=None):
+                 seed: int = 1234, params_dtype: torch.dtype = torch.float32, device=None,
+                 kernels: Kernels | None = None):
         super().__init__()
+        self.kernels = kernels or select_kernels()
         h, f = config.hidden_size, config.ffn_hidden_size
         prefix = f"layers.{layer_number}.mlp"
         init = init_method_normal(config.init_method_std)
@@ -32,4 +34,4 @@ class MLP(nn.Module):
                                       init_generator=param_generator(seed, f"{prefix}.down", device), **common)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(swiglu(self.gate_up(x)))
+        return self.down(self.kernels.swiglu(self.gate_up(x)))

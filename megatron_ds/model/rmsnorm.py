@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from megatron_ds.kernels import rms_norm
+from megatron_ds.kernels import Kernels, select_kernels
 from megatron_ds.parallel.layers import set_sequence_parallel_attr
 
 
@@ -18,9 +18,10 @@ class RMSNorm(nn.Module):
     """
 
     def __init__(self, hidden_size: int, eps: float, *, sequence_parallel: bool = False,
-                 params_dtype: torch.dtype = torch.float32, device=None):
+                 params_dtype: torch.dtype = torch.float32, device=None, kernels: Kernels | None = None):
         super().__init__()
         self.eps = eps
+        self.kernels = kernels or select_kernels()
         self.weight = nn.Parameter(torch.empty(hidden_size, dtype=params_dtype, device=device))
         if self.weight.device.type != "meta":
             nn.init.ones_(self.weight)
@@ -28,7 +29,11 @@ class RMSNorm(nn.Module):
             set_sequence_parallel_attr(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return self.kernels.rms_norm(x, self.weight, self.eps)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``h = x + residual``, returns ``(norm(h), h)`` (one fused pass with the fused kernels)."""
+        return self.kernels.add_rms_norm(x, residual, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         sp = ", sequence_parallel" if getattr(self.weight, "sequence_parallel", False) else ""

@@ -1,1 +1,9 @@
-"""Optimizer, gradient clipping and learning-rate schedules."""
+"""Optimizer, gradient clipping and learning-rate schedules.
+
+    distributed_optimizer.py  MegatronOptimizer: fp32 master weights, fused AdamW, global-norm
+                              clipping, plain DP or ZeRO-1, fp32 or bf16 params (the trainer's path)
+    fused_adamw.py            the fused AdamW kernel (csrc/) with its PyTorch reference
+    lr_schedule.py            warmup + constant / cosine / WSD / DeepSeek multi-step, steps or tokens
+    optimizer.py              torch.optim.AdamW over main grads (the path the trainer uses until it
+                              switches to MegatronOptimizer)
+"""

@@ -15,10 +15,13 @@ def is_tp_replicated(param: torch.nn.Parameter, state: ParallelState) -> bool:
     return state.tp_size > 1 and not getattr(param, "tensor_model_parallel", False)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: the paper's recipe leaves norm weights (1-D) undecayed."""
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: the paper's recipe leaves norm weights (1-D) undecayed.
+
+    ``model`` is a module or a list of model chunks (interleaved pipeline)."""
+    chunks = model if isinstance(model, (list, tuple)) else [model]
     decay, no_decay = [], []
-    for p in model.parameters():
+    for p in (p for c in chunks for p in c.parameters()):
         if p.requires_grad:
             (no_decay if p.ndim == 1 else decay).append(p)
     groups = [dict(params=decay, weight_decay=weight_decay)]

@@ -7,6 +7,14 @@ With logits z split over TP along the vocab (rank r holds columns [r*V/tp, (r+1)
 Each rank computes its partial max, sum-exp and (if it owns the target) target logit, and the
 three are completed by TP all-reduces (max, then one sum for sum-exp and target logit together).
 Backward needs only the local softmax: dloss/dz_j = softmax_j - [j == target].
+
+Two implementations with one contract:
+- ``vocab_parallel_cross_entropy``: pure PyTorch, keeps an fp32 softmax [..., V/tp] for backward
+  (the reference, and what ``--no-fused-kernels`` uses);
+- ``fused_vocab_parallel_cross_entropy``: the csrc/ kernels. Forward reads the logits once (bf16
+  or fp32, fp32 math on the fly) for the local max, sum-exp and target logit; Python all-reduces
+  between the passes; backward writes the gradient OVER the logits, in their dtype. Nothing
+  logits-sized is allocated, so the logits must not be used by anything else after this call.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from megatron_ds.kernels import fused
 from megatron_ds.parallel.topology import group_rank, group_size
 
 
@@ -26,7 +35,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         v_local = logits.shape[-1]
         start = group_rank(tp_group) * v_local
 
-        z = logits.float()  # [..., V/tp] fp32; becomes the softmax in place, saved for backward
+        # [..., V/tp] fp32 (float64 stays float64, for gradcheck); becomes the softmax in place, saved for backward
+        z = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if z is logits:
             z = z.clone()  # fp32 input: do not overwrite the caller's logits
         n_valid = v_local if vocab_size is None else max(0, min(v_local, vocab_size - start))
@@ -69,7 +79,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         softmax, local_target, not_mine = ctx.saved_tensors
         grad = softmax  # reuse the fp32 buffer: [..., V/tp]
         # d loss / d z_j = softmax_j - 1[j == target], the one-hot only on the rank that owns the target.
-        grad.scatter_add_(-1, local_target.unsqueeze(-1), (not_mine.float() - 1.0).unsqueeze(-1))
+        grad.scatter_add_(-1, local_target.unsqueeze(-1), (not_mine.to(grad.dtype) - 1.0).unsqueeze(-1))
         grad.mul_(grad_loss.unsqueeze(-1))
         return grad.to(ctx.logits_dtype), None, None, None
 
@@ -97,5 +107,65 @@ def cross_entropy_reference(full_logits: torch.Tensor, target: torch.Tensor,
     if vocab_size is not None:
         full_logits = full_logits[..., :vocab_size]
     v = full_logits.shape[-1]
-    loss = F.cross_entropy(full_logits.float().reshape(-1, v), target.reshape(-1), reduction="none")
+    full_logits = full_logits.to(torch.promote_types(full_logits.dtype, torch.float32))  # fp32 (float64 stays)
+    loss = F.cross_entropy(full_logits.reshape(-1, v), target.reshape(-1), reduction="none")
     return loss.view(target.shape)
+
+
+class _FusedVocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, tp_group, vocab_size):
+        tp = group_size(tp_group)
+        v_local = logits.shape[-1]
+        start = group_rank(tp_group) * v_local
+        n_valid = v_local if vocab_size is None else max(0, min(v_local, vocab_size - start))
+        # target's column on this rank, -1 where another rank owns it: [...] int64
+        local_target = target - start
+        local_target = local_target.masked_fill((local_target < 0) | (local_target >= v_local), -1)
+
+        # Local pass: per row max m_r, sum_j exp(z_j - m_r), z_target (0 when not ours); fp32 [N].
+        local_max, sum_exp, target_logit = fused.ops().ce_fwd_stats(logits, local_target, n_valid)
+        z_max = local_max
+        if tp > 1:
+            z_max = local_max.clone()
+            dist.all_reduce(z_max, op=dist.ReduceOp.MAX, group=tp_group)
+            # Move each rank's sum to the common max before summing: sum_j exp(z_j - M).
+            sum_exp = sum_exp * torch.exp(local_max - z_max)
+            both = torch.stack([sum_exp, target_logit])
+            dist.all_reduce(both, group=tp_group)
+            sum_exp, target_logit = both[0], both[1]
+        lse = z_max + torch.log(sum_exp)  # [N] fp32: log sum_j exp(z_j) over the whole vocabulary
+        loss = (lse - target_logit).view(target.shape)
+
+        ctx.save_for_backward(logits, lse, local_target)
+        ctx.n_valid = n_valid
+        ctx.used = False
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.used:
+            raise RuntimeError("fused_vocab_parallel_cross_entropy: backward ran twice (retain_graph); "
+                               "the first backward overwrote the logits with their gradient")
+        ctx.used = True
+        logits, lse, local_target = ctx.saved_tensors
+        # Pass 2, in place: logits <- (exp(z - lse) - onehot) * grad_loss, in the logits' dtype.
+        fused.ops().ce_bwd_(logits, lse, local_target, grad_loss.contiguous(), ctx.n_valid)
+        return logits, None, None, None
+
+
+def fused_vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, tp_group,
+                                       vocab_size: int | None = None) -> torch.Tensor:
+    """``vocab_parallel_cross_entropy`` by the csrc/ kernels, the gradient written over ``logits``.
+
+    Same arguments and result. ``logits`` is consumed: after backward it holds d loss / d logits,
+    so nothing else may need its values (the LM head's output is used only here). Its vocab dim
+    must be contiguous and its rows flattenable to ``[-1, V/tp]``.
+    """
+    v_padded = logits.shape[-1] * group_size(tp_group)
+    if vocab_size is not None and not 0 < vocab_size <= v_padded:
+        raise ValueError(f"vocab_size {vocab_size} must be in (0, {v_padded}] "
+                         f"(the padded vocabulary: {logits.shape[-1]} columns x tp {group_size(tp_group)})")
+    if target.shape != logits.shape[:-1]:
+        raise ValueError(f"target shape {tuple(target.shape)} does not match logits {tuple(logits.shape)}[:-1]")
+    return _FusedVocabParallelCrossEntropy.apply(logits, target, tp_group, vocab_size)

@@ -1,32 +1,74 @@
-"""Forward/backward over the micro-batches of one global batch (no pipelining).
+"""Forward/backward over the micro-batches of one global batch, pipelined or not.
 
 The loss is the exact per-token mean over the *global* batch, whatever the split into
-micro-batches and data-parallel ranks:
+micro-batches, pipeline stages and data-parallel ranks:
 
-    loss = sum over all ranks and micro-batches of sum(token_loss * loss_mask) / global_num_tokens
+    loss = sum over all DP ranks and micro-batches of sum(token_loss * loss_mask) / global_num_tokens
 
 Each micro-batch back-propagates its own share (its masked sum divided by the global count), so
 gradients simply add up: over micro-batches in the fp32 main-grad buffer, over DP ranks by an
-all-reduce SUM.
+all-reduce SUM. Only the last pipeline stage computes loss shares; every stage knows
+``global_num_tokens`` because every stage reads the batch (the first uses the tokens, the last
+the labels and loss mask).
+
+Which schedule runs (parallel/pipeline/schedules.py) follows from the layout: no pipelining at
+PP = 1, 1F1B with one model chunk per rank, interleaved 1F1B with several.
 """
 
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import torch
+
+from megatron_ds.parallel.pipeline import PipelineP2P, build_schedule, run_schedule
+from megatron_ds.parallel.topology import ParallelState, single_process_state
+
+
+def _activation_shape(model, micro_batch: dict) -> tuple[int, int, int]:
+    """[s, b, h] between stages; [s/tp, b, h] under sequence parallelism (each TP rank's shard)."""
+    b, s = micro_batch["tokens"].shape
+    if model.sequence_parallel:
+        s //= model.tp_size
+    return (s, b, model.config.hidden_size)
+
+
+def forward_backward(model_chunks: Sequence[torch.nn.Module], micro_batches: list[dict], global_num_tokens: float,
+                     state: ParallelState, grad_buffers: Optional[Sequence] = None,
+                     forward_only: bool = False) -> torch.Tensor:
+    """Run this rank's schedule over ``micro_batches``; returns its summed loss shares (zero off the last stage).
+
+    ``grad_buffers[c]`` (one per chunk) gets ``is_last_microbatch`` set before the chunk's last
+    backward, so its DP bucket all-reduces start as that backward fills them.
+    """
+    chunks = list(model_chunks)
+    actions = build_schedule(state.pp_size, len(chunks), len(micro_batches), state.pp_rank, forward_only)
+
+    def forward_step(chunk: int, m: int, hidden: Optional[torch.Tensor]) -> torch.Tensor:
+        model, mb = chunks[chunk], micro_batches[m]
+        # Every stage gets the positions (rotary) and document ids (attention mask, when the data has them).
+        extra = {"document_ids": mb["document_ids"]} if "document_ids" in mb else {}
+        out = model(input_ids=mb["tokens"] if model.pre_process else None, hidden_states=hidden,
+                    position_ids=mb["position_ids"], labels=mb["labels"] if model.post_process else None, **extra)
+        if not model.post_process:
+            return out  # [s, b, h] ([s/tp, b, h] under SP)
+        return (out * mb["loss_mask"]).sum() / global_num_tokens  # out: per-token loss [b, s] fp32
+
+    def before_backward(chunk: int, is_last: bool) -> None:
+        if grad_buffers is not None:
+            grad_buffers[chunk].is_last_microbatch = is_last
+
+    p2p = None
+    if state.pp_size > 1:
+        dtype = next(chunks[0].parameters()).dtype
+        p2p = PipelineP2P(state, _activation_shape(chunks[0], micro_batches[0]), dtype, state.device)
+    with torch.set_grad_enabled(not forward_only):
+        return run_schedule(actions, forward_step, pp_rank=state.pp_rank, pp_size=state.pp_size,
+                            num_chunks=len(chunks), p2p=p2p, before_backward=before_backward)
 
 
 def forward_backward_no_pipelining(model, micro_batches: list[dict], global_num_tokens: float,
                                    grad_buffer=None, forward_only: bool = False) -> torch.Tensor:
-    """Run every micro-batch forward (and backward); returns this rank's share of the loss (scalar)."""
-    total = torch.zeros((), dtype=torch.float32)
-    for i, mb in enumerate(micro_batches):
-        if grad_buffer is not None:
-            # The last micro-batch's backward launches the DP bucket all-reduces as buckets fill.
-            grad_buffer.is_last_microbatch = i == len(micro_batches) - 1
-        with torch.set_grad_enabled(not forward_only):
-            token_loss = model(input_ids=mb["tokens"], position_ids=mb["position_ids"], labels=mb["labels"])  # (b, s) fp32
-            loss = (token_loss * mb["loss_mask"]).sum() / global_num_tokens
-        if not forward_only:
-            loss.backward()
-        total += loss.detach().float().cpu()
-    return total
+    """One whole model on one stage: gradient accumulation over the micro-batches (the PP = 1 schedule)."""
+    return forward_backward([model], micro_batches, global_num_tokens, single_process_state(),
+                            None if grad_buffer is None else [grad_buffer], forward_only)

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from megatron_ds.data.errors import DataError
-from megatron_ds.data.gpt_dataset import (GPTDataset, build_train_valid_test_datasets,
-                                          parse_split, split_document_ids)
+from megatron_ds.data.blending import build_train_valid_test_datasets
+from megatron_ds.data.gpt_dataset import GPTDataset, parse_split, split_document_ids
 from megatron_ds.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
 EOD = 0
@@ -71,7 +71,7 @@ def test_document_index_is_seeded_shuffle_of_enough_epochs(tmp_path):
     rng.shuffle(expected)
     np.testing.assert_array_equal(ds.document_index, expected)
     assert sorted(ds.shuffle_index.tolist()) == list(range(40))
-    assert ds.sample_index.shape == (41, 2) and ds.sample_index.dtype == np.int64
+    assert ds.sample_index.shape == (41, 2) and ds.sample_index.dtype == np.int32
     assert ds.document_index.dtype == ds.shuffle_index.dtype == np.int64
 
 
@@ -166,3 +166,30 @@ def test_sample_index_matches_megatron_walk(tmp_path):
                 pos, offset = pos + 1, 0
         rows.append((pos, offset))
     assert ds.sample_index.tolist() == [list(r) for r in rows]
+
+
+def test_reset_position_ids_and_document_ids_follow_eod(tmp_path):
+    indexed, docs = make_corpus(tmp_path / "c", LENGTHS)
+    ds = GPTDataset(indexed, np.arange(len(LENGTHS)), 40, 16, seed=2, eod_id=EOD,
+                    reset_position_ids=True, reset_attention_mask=True)
+    plain = GPTDataset(indexed, np.arange(len(LENGTHS)), 40, 16, seed=2)
+    for i in range(len(ds)):
+        item = ds[i]
+        assert item["tokens"].tolist() == plain[i]["tokens"].tolist()
+        # Reference: walk the tokens; a new document starts right after each EOD.
+        pos, doc, positions, doc_ids = 0, 0, [], []
+        for t in item["tokens"].tolist():
+            positions.append(pos)
+            doc_ids.append(doc)
+            pos, doc = (0, doc + 1) if t == EOD else (pos + 1, doc)
+        assert item["position_ids"].tolist() == positions
+        assert item["document_ids"].tolist() == doc_ids
+        assert item["document_ids"].dtype == item["position_ids"].dtype == np.int64
+    assert "document_ids" not in plain[0]
+
+
+def test_reset_flags_need_eod_id(tmp_path):
+    indexed, _ = make_corpus(tmp_path / "c", LENGTHS)
+    for flag in ("reset_position_ids", "reset_attention_mask"):
+        with pytest.raises(ValueError, match=f"{flag}=True needs eod_id"):
+            GPTDataset(indexed, np.arange(3), 1, 4, seed=0, **{flag: True})

@@ -75,3 +75,19 @@ def test_train_tokenizer_output_directory(tmp_path, corpus_jsonl, capsys):
                           "--output", str(tmp_path / "tok")])
     assert (tmp_path / "tok" / "tokenizer.json").is_file()
     assert "padded model vocab (TP=1) 384" in capsys.readouterr().out
+
+
+def test_train_tokenizer_reports_padded_vocab_for_tp_and_special_ids(tmp_path, corpus_jsonl, capsys):
+    train_tokenizer.main(["--input", str(corpus_jsonl), "--vocab-size", "300", "--output",
+                          str(tmp_path / "tok"), "--tensor-model-parallel-size", "4"])
+    out = capsys.readouterr().out
+    assert "padded model vocab (TP=4) 512" in out  # 300 rounded up to a multiple of 128 * 4
+    assert "<｜end▁of▁sentence｜>=1" in out
+
+
+def test_train_tokenizer_non_utf8_names_file_and_line(tmp_path):
+    src = tmp_path / "bad.txt"
+    src.write_bytes(b"fine\nalso fine\n\xff\xfe broken\n")
+    with pytest.raises(SystemExit) as e:
+        train_tokenizer.main(["--input", str(src), "--vocab-size", "300", "--output", str(tmp_path / "t")])
+    assert "not UTF-8" in str(e.value.code) and str(src) in str(e.value.code)

@@ -1,0 +1,167 @@
+"""Fused CPU kernels against the PyTorch eager compositions they replace: forward + backward time, and
+the cross-entropy's peak memory against the eager fp32 path.
+
+    python benchmarks/kernels.py [--tokens 2048] [--hidden 4096] [--repeats 5]
+
+Shapes are DeepSeek-7B's: hidden 4096, FFN 11008, 32 heads of 128, vocabulary 102400. Times are
+medians over --repeats runs after one warm-up; ratio = eager / fused (> 1: the kernel is faster).
+CE peak memory is measured in a fresh subprocess per variant: the growth of peak RSS (Linux
+VmHWM, reset just before) during one forward + backward on logits that already exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_ds.kernels import fused, reference_kernels  # noqa: E402
+from megatron_ds.kernels.rotary import rotary_cos_sin  # noqa: E402
+from megatron_ds.parallel.cross_entropy import (  # noqa: E402
+    fused_vocab_parallel_cross_entropy,
+    vocab_parallel_cross_entropy,
+)
+
+
+def time_fwd_bwd(make_inputs, fn, repeats: int) -> float:
+    """Median seconds of fn(*inputs) forward + backward (inputs rebuilt outside the timed region)."""
+    times = []
+    for i in range(repeats + 1):
+        inputs, grad_fn = make_inputs()
+        t0 = time.perf_counter()
+        out = fn(*inputs)
+        outs = out if isinstance(out, tuple) else (out,)
+        torch.autograd.backward(outs, grad_fn(outs))
+        if i:  # the first run warms up
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def cases(tokens: int, hidden: int, ffn: int, heads: int, dtype: torch.dtype):
+    ref = reference_kernels()
+    g = torch.Generator().manual_seed(0)
+    d = hidden // heads
+
+    def leaf(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g)).to(dtype).requires_grad_(True)
+
+    def ones_like_grads(outs):
+        return [torch.ones_like(o) for o in outs]
+
+    x0, r0, w0 = leaf(tokens, hidden), leaf(tokens, hidden), leaf(hidden)
+    gu0 = leaf(tokens, 2 * ffn)
+    qkv0 = leaf(tokens, 1, 3 * hidden)
+    cos, sin = rotary_cos_sin(torch.arange(tokens)[None], d, 10000.0, dtype)
+
+    def fresh(*ts):
+        return [t.detach().clone().requires_grad_(True) for t in ts]
+
+    def rotary_inputs():
+        (qkv,) = fresh(qkv0)
+        y = qkv.clone()  # a non-leaf like the QKV GEMM's output; its backward passes the grad through
+        return (y, 2 * heads, d, cos, sin), ones_like_grads
+
+    return [
+        ("rms_norm", lambda: (fresh(x0, w0) + [1e-6], ones_like_grads), ref.rms_norm, fused.rms_norm),
+        ("add_rms_norm", lambda: (fresh(x0, r0, w0) + [1e-6], ones_like_grads), ref.add_rms_norm, fused.add_rms_norm),
+        ("rotary_qk", rotary_inputs, ref.apply_rotary_qk, fused.apply_rotary_qk),
+        ("swiglu", lambda: (fresh(gu0), ones_like_grads), ref.swiglu, fused.swiglu),
+    ]
+
+
+def ce_case(tokens: int, vocab: int, dtype: torch.dtype):
+    g = torch.Generator().manual_seed(1)
+    z0 = (4 * torch.randn(tokens, 1, vocab, generator=g)).to(dtype)
+    target = torch.randint(0, vocab, (tokens, 1), generator=g)
+
+    def inputs():
+        z = z0.clone().requires_grad_(True)
+        return (z.clone(), target, None, vocab), lambda outs: [torch.ones_like(outs[0])]
+
+    return inputs
+
+
+def ce_peak_child(impl: str, tokens: int, vocab: int, dtype: str) -> None:
+    """Run in a subprocess: print the RSS growth (MB) of one CE forward + backward on existing logits.
+
+    The logits come from a thin LM head (hidden 64) so that its backward allocates nothing
+    logits-sized: what grows beyond the logits is the cross-entropy's own memory.
+    """
+    dt = getattr(torch, dtype)
+    x = torch.empty(tokens, 1, 64, dtype=dt).normal_().requires_grad_(True)
+    w = torch.empty(vocab, 64, dtype=dt).normal_(std=0.5).requires_grad_(True)
+    target = torch.randint(0, vocab, (tokens, 1))
+    fn = fused_vocab_parallel_cross_entropy if impl == "fused" else vocab_parallel_cross_entropy
+    logits = torch.nn.functional.linear(x, w)  # [tokens, 1, vocab]
+    base = _reset_peak_rss_kb()
+    loss = fn(logits, target, None, vocab)
+    loss.sum().backward()
+    peak = _status_kb("VmHWM")
+    print(json.dumps({"extra_mb": (peak - base) / 1024, "logits_mb": logits.numel() * logits.element_size() / 2**20}))
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _reset_peak_rss_kb() -> int:
+    """Reset the peak-RSS mark (Linux: clear_refs 5) and return the current RSS, in kB."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kb("VmRSS")
+
+
+def ce_peak(impl: str, tokens: int, vocab: int, dtype: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--ce-peak-child", impl, str(tokens), str(vocab), dtype],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tokens", type=int, default=2048)
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--ffn", type=int, default=11008)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--vocab", type=int, default=102400)
+    p.add_argument("--ce-tokens", type=int, default=1024)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--ce-peak-child", nargs=4, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.ce_peak_child:
+        impl, tokens, vocab, dtype = args.ce_peak_child
+        return ce_peak_child(impl, int(tokens), int(vocab), dtype)
+    assert fused.available(), f"build the extension first: {fused.unavailable_reason()}"
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}; tokens {args.tokens}, hidden {args.hidden}, "
+          f"ffn {args.ffn}, heads {args.heads}; CE {args.ce_tokens} tokens x vocab {args.vocab}")
+    print(f"{'kernel':<14}{'dtype':<10}{'eager ms':>10}{'fused ms':>10}{'speedup':>9}")
+    for dtype in (torch.float32, torch.bfloat16):
+        name = str(dtype).split(".")[-1]
+        rows = [(n, mk, ref, fus) for n, mk, ref, fus in cases(args.tokens, args.hidden, args.ffn, args.heads, dtype)]
+        rows.append(("cross_entropy", ce_case(args.ce_tokens, args.vocab, dtype), vocab_parallel_cross_entropy,
+                     fused_vocab_parallel_cross_entropy))
+        for n, mk, ref, fus in rows:
+            t_ref = time_fwd_bwd(mk, ref, args.repeats)
+            t_fus = time_fwd_bwd(mk, fus, args.repeats)
+            print(f"{n:<14}{name:<10}{t_ref * 1e3:>10.2f}{t_fus * 1e3:>10.2f}{t_ref / t_fus:>8.2f}x", flush=True)
+    print("\ncross-entropy peak memory beyond the logits (fwd + bwd, fresh process):")
+    for dtype in ("bfloat16", "float32"):
+        for impl in ("eager", "fused"):
+            r = ce_peak(impl, args.ce_tokens, args.vocab, dtype)
+            print(f"  {impl:<6} {dtype:<9} +{r['extra_mb']:8.1f} MB   (logits {r['logits_mb']:.1f} MB; "
+                  f"an fp32 copy would be {r['logits_mb'] * (2 if dtype == 'bfloat16' else 1):.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""Hugging Face Llama checkpoints (the form DeepSeek LLM releases take) to and from ours.
+
+Export writes ``config.json``, ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``
+and the tokenizer files; import reads that form (sharded or one ``model.safetensors``) and writes
+our format for a target TP x PP. Both stream: each HF tensor is one block of one of our global
+tensors (``hf_names.py``: ``qkv`` is [q; k; v] rows, ``gate_up`` is [gate; up]), read or written alone.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+from typing import Optional
+
+import torch
+from safetensors import safe_open
+
+from megatron_ds.checkpoint.format import CheckpointError
+from megatron_ds.checkpoint.load import CheckpointReader
+from megatron_ds.checkpoint.model_state import MODEL_PREFIX
+from megatron_ds.checkpoint.offline import write_layout
+from megatron_ds.checkpoint.safetensors_io import SafetensorsWriter
+from megatron_ds.config import ModelConfig
+from megatron_ds.model.hf_names import hf_names
+
+INDEX = "model.safetensors.index.json"
+_HF_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def global_keys(config: ModelConfig) -> list[str]:
+    """Our global parameter names of the whole model (layout-free: fused ``qkv`` always)."""
+    keys = ["embedding.weight"]
+    for i in range(config.num_layers):
+        keys += [f"layers.{i}.{rest}" for rest in ("input_norm.weight", "attention.qkv.weight", "attention.out.weight",
+                                                   "post_attention_norm.weight", "mlp.gate_up.weight",
+                                                   "mlp.down.weight")]
+    return keys + ["final_norm.weight", "lm_head.weight"]
+
+
+def part_rows(config: ModelConfig, key: str) -> list[int]:
+    """Row counts of the HF parts stacked in our global tensor ``key``."""
+    d = config.head_dim
+    if key.endswith("attention.qkv.weight"):
+        return [config.num_attention_heads * d, config.num_kv_heads * d, config.num_kv_heads * d]
+    if key.endswith("mlp.gate_up.weight"):
+        return [config.ffn_hidden_size] * 2
+    return [-1]
+
+
+def hf_parts(config: ModelConfig, key: str, global_shape) -> list[tuple[str, int, tuple]]:
+    """(HF name, row offset in ours, HF shape) of every part of our global tensor ``key``."""
+    rows = part_rows(config, key)
+    if rows == [-1]:
+        rows = [global_shape[0]]
+    out, start = [], 0
+    for name, n in zip(hf_names(key), rows):
+        out.append((name, start, (n, *global_shape[1:])))
+        start += n
+    return out
+
+
+def hf_config(config: ModelConfig, dtype: torch.dtype, bos_id: Optional[int], eos_id: Optional[int]) -> dict:
+    """config.json for transformers' LlamaForCausalLM (formats.md, "Hugging Face checkpoint")."""
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": config.hidden_size, "intermediate_size": config.ffn_hidden_size,
+        "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_kv_heads, "head_dim": config.head_dim,
+        "rms_norm_eps": config.norm_epsilon, "rope_theta": config.rotary_base, "vocab_size": config.vocab_size,
+        "max_position_embeddings": config.max_position_embeddings, "tie_word_embeddings": False,
+        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+        "initializer_range": config.init_method_std, "bos_token_id": bos_id, "eos_token_id": eos_id,
+        "torch_dtype": _HF_DTYPES.get(dtype, "float32"),
+    }
+
+
+def model_config_from_hf(cfg: dict, path: str) -> ModelConfig:
+    if cfg.get("model_type") != "llama" and "LlamaForCausalLM" not in cfg.get("architectures", []):
+        raise CheckpointError(f"{path}: not a Llama checkpoint (model_type {cfg.get('model_type')!r})")
+    if cfg.get("tie_word_embeddings"):
+        raise CheckpointError(f"{path}: tie_word_embeddings is true; DeepSeek LLM has an untied LM head")
+    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        raise CheckpointError(f"{path}: attention_bias / mlp_bias are set; this model has no biases")
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    return ModelConfig(
+        num_layers=cfg["num_hidden_layers"], hidden_size=cfg["hidden_size"], ffn_hidden_size=cfg["intermediate_size"],
+        num_attention_heads=heads, num_query_groups=cfg.get("num_key_value_heads") or heads,
+        kv_channels=None if head_dim * heads == cfg["hidden_size"] else head_dim,
+        max_position_embeddings=cfg.get("max_position_embeddings", 4096), vocab_size=cfg["vocab_size"],
+        norm_epsilon=cfg.get("rms_norm_eps", 1e-6), rotary_base=cfg.get("rope_theta", 10000.0),
+        init_method_std=cfg.get("initializer_range", 0.006))
+
+
+# --- export -----------------------------------------------------------------------------------
+
+
+def _tokenizer_ids(tokenizer: Optional[dict]) -> tuple[Optional[str], Optional[int], Optional[int]]:
+    """(path of the tokenizer file or directory, bos id, eos id) from the checkpoint's record."""
+    path = (tokenizer or {}).get("path")
+    if not path or not os.path.exists(path):
+        return None, None, None
+    from megatron_ds.data.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(path)
+    return path, tok.bos, tok.eod
+
+
+def export_hf(load: str, save: str, max_shard_bytes: int = 2 << 30, verify: bool = True) -> list[str]:
+    """Write our checkpoint at ``load`` as a HF Llama checkpoint in ``save``; returns the files written."""
+    reader = CheckpointReader(load, verify=verify)
+    if reader.model_config is None:
+        raise CheckpointError(f"{reader.dir}/metadata.json: no model config recorded")
+    config = ModelConfig(**reader.model_config)
+    # Plan: every HF tensor, in model order, as a block of one of ours; then cut into shards by size.
+    plan = []
+    for key in global_keys(config):
+        full = MODEL_PREFIX + key
+        shape = reader.global_shape(full)
+        for name, row, hf_shape in hf_parts(config, key, shape):
+            plan.append((name, full, row, hf_shape, reader.dtype(full)))
+    shards, current, size = [], [], 0
+    for item in plan:
+        n = torch.empty((), dtype=item[4]).element_size() * int(torch.Size(item[3]).numel())
+        if current and size + n > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(item)
+        size += n
+    shards.append(current)
+    os.makedirs(save, exist_ok=True)
+    weight_map, total, written = {}, 0, []
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        writer = SafetensorsWriter(os.path.join(save, fname), [(n, dt, s) for n, _, _, s, dt in shard],
+                                   metadata={"format": "pt"})
+        for name, key, row, shape, _ in shard:
+            writer.write(name, reader.read(key, (row,) + (0,) * (len(shape) - 1), shape))
+            weight_map[name] = fname
+        total += writer.close()["bytes"]
+        written.append(fname)
+    with open(os.path.join(save, INDEX), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    tok_path, bos, eos = _tokenizer_ids(reader.tokenizer)
+    dtype = reader.dtype(MODEL_PREFIX + "embedding.weight")
+    with open(os.path.join(save, "config.json"), "w") as f:
+        json.dump(hf_config(config, dtype, bos, eos), f, indent=2)
+    written += [INDEX, "config.json"]
+    if tok_path is not None:
+        names = ("tokenizer*", "special_tokens_map.json")
+        files = [tok_path] if os.path.isfile(tok_path) else sorted(
+            f for n in names for f in glob.glob(os.path.join(tok_path, n)))
+        for src in files:
+            shutil.copy(src, os.path.join(save, os.path.basename(src)))
+            written.append(os.path.basename(src))
+    return written
+
+
+# --- import -----------------------------------------------------------------------------------
+
+
+class HFSource:
+    """A HF Llama checkpoint seen as our global tensors: ``read(key, offsets, shape)`` reads the
+    block from the HF parts it spans, as slices of the memory-mapped safetensors files."""
+
+    def __init__(self, path: str):
+        self.path = path
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise CheckpointError(f"{cfg_path}: not found; --hf must be a Hugging Face model directory")
+        with open(cfg_path) as f:
+            self.hf_config = json.load(f)
+        self.config = model_config_from_hf(self.hf_config, cfg_path)
+        index = os.path.join(path, INDEX)
+        if os.path.isfile(index):
+            with open(index) as f:
+                self.weight_map = json.load(f)["weight_map"]
+        else:
+            files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+            if not files:
+                raise CheckpointError(f"{path}: no *.safetensors files (PyTorch .bin checkpoints are not read)")
+            self.weight_map = {}
+            for fpath in files:
+                with safe_open(fpath, framework="pt") as f:
+                    self.weight_map.update({k: os.path.basename(fpath) for k in f.keys()})
+        self._files: dict[str, object] = {}
+        self._shapes = {}
+        for key in global_keys(self.config):
+            parts = [self._slice(n) for n in hf_names(key)]
+            rows = sum(p.get_shape()[0] for p in parts)
+            self._shapes[MODEL_PREFIX + key] = (rows, *parts[0].get_shape()[1:])
+            self._dtype = parts[0].get_dtype()
+
+    def __repr__(self) -> str:
+        return self.path
+
+    def _slice(self, name: str):
+        fname = self.weight_map.get(name)
+        if fname is None:
+            raise CheckpointError(f"{self.path}: no weight {name!r} in the checkpoint (is it a Llama model of "
+                                  "the shape its config.json gives?)")
+        if fname not in self._files:
+            fpath = os.path.join(self.path, fname)
+            if not os.path.isfile(fpath):
+                raise CheckpointError(f"{fpath}: listed in {INDEX} but missing")
+            self._files[fname] = safe_open(fpath, framework="pt")
+        return self._files[fname].get_slice(name)
+
+    def keys(self) -> list[str]:
+        return list(self._shapes)
+
+    def global_shape(self, key: str) -> tuple:
+        return self._shapes[key]
+
+    def dtype(self, key: str) -> torch.dtype:
+        from megatron_ds.checkpoint.safetensors_io import DTYPES_BY_NAME
+
+        name = hf_names(key[len(MODEL_PREFIX):])[0]
+        return DTYPES_BY_NAME[self._slice(name).get_dtype()]
+
+    def read(self, key: str, offsets, shape) -> torch.Tensor:
+        local = key[len(MODEL_PREFIX):]
+        out = torch.empty(shape, dtype=self.dtype(key))
+        cols = tuple(slice(o, o + s) for o, s in zip(offsets[1:], shape[1:]))
+        for name, row, hf_shape in hf_parts(self.config, local, self._shapes[key]):
+            lo, hi = max(offsets[0], row), min(offsets[0] + shape[0], row + hf_shape[0])
+            if lo < hi:
+                out[lo - offsets[0]:hi - offsets[0]] = self._slice(name)[(slice(lo - row, hi - row),) + cols]
+        return out
+
+
+def import_hf(hf_path: str, save: str, target_tp: int = 1, target_pp: int = 1,
+              tokenizer_path: Optional[str] = None) -> str:
+    """Write the HF Llama checkpoint at ``hf_path`` in our format for TP x PP (iteration 0)."""
+    source = HFSource(hf_path)
+    if tokenizer_path is None and os.path.isfile(os.path.join(hf_path, "tokenizer.json")):
+        tokenizer_path = os.path.join(hf_path, "tokenizer.json")
+    tokenizer = None
+    if tokenizer_path is not None:
+        from megatron_ds.data.tokenizer import build_tokenizer
+
+        tokenizer = {"path": os.path.abspath(tokenizer_path), "sha256_16": build_tokenizer(tokenizer_path).identity()}
+    return write_layout(save, source, source.config, target_tp, target_pp, tokenizer=tokenizer,
+                        extra_metadata={"imported_from": os.path.abspath(hf_path)})
+
+

@@ -1,0 +1,108 @@
+"""Transformer Engine adapters: run the decoder layers' GEMMs through TE (BF16, or FP8 with delayed scaling).
+
+``--transformer-impl transformer_engine`` keeps every module and parameter of the model as it is
+and changes only where the local GEMM of each ``ColumnParallelLinear`` / ``RowParallelLinear``
+inside ``model.layers`` runs: in a ``transformer_engine.pytorch.Linear`` that holds the SAME
+``nn.Parameter`` object (so ``state_dict`` names and values, the optimizer and the DP gradient
+buffers are unchanged). Tensor and sequence parallelism stay ours: TE sees a local,
+single-rank GEMM, and our layers do the all-gather / reduce-scatter around it as before.
+
+``--fp8-format e4m3|hybrid`` wraps each such GEMM in ``te.fp8_autocast`` with a
+``DelayedScaling`` recipe (amax history 1024, max). Left in BF16/FP32 on purpose: the LM head (a
+102400-wide GEMM whose logits feed the loss) and the replicated-KV projection (it uses a slice of
+its weight). TE's FP8 scaling state (amax history) lives in the TE modules, which are not
+registered submodules, so it is not checkpointed: after a resume it re-warms over the first steps.
+
+Only imported on request (``pretrain.build_model``), after ``config.validate_kernels`` has checked
+that TE is installed and CUDA is present: nothing imports TE at start.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from megatron_ds.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron_ds.parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+    scatter_to_tensor_model_parallel_region,
+    gather_from_tensor_model_parallel_region,
+)
+
+
+def fp8_recipe(fp8_format: str):
+    """TE's delayed-scaling recipe for ``--fp8-format`` ('e4m3' or 'hybrid')."""
+    from transformer_engine.common.recipe import DelayedScaling, Format
+
+    fmt = {"e4m3": Format.E4M3, "hybrid": Format.HYBRID}[fp8_format]
+    return DelayedScaling(fp8_format=fmt, amax_history_len=1024, amax_compute_algo="max")
+
+
+class _TEGemm:
+    """Y = X W^T on this rank by a TE Linear sharing the layer's weight Parameter; optional FP8 autocast."""
+
+    def __init__(self, weight: nn.Parameter, recipe):
+        import transformer_engine.pytorch as te
+
+        out_features, in_features = weight.shape
+        self.te = te
+        self.recipe = recipe
+        self.linear = te.Linear(in_features, out_features, bias=False, params_dtype=weight.dtype,
+                                device=weight.device)
+        # Drop TE's own weight and hand it ours: one Parameter, two holders.
+        del self.linear.weight
+        self.linear.weight = weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.recipe is None:
+            return self.linear(x)
+        with self.te.fp8_autocast(enabled=True, fp8_recipe=self.recipe):
+            return self.linear(x)
+
+
+class TEColumnParallelLinear(ColumnParallelLinear):
+    """ColumnParallelLinear whose local GEMM runs in TE (same contract and communication)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel:
+            x = gather_from_sequence_parallel_region(x, self.tp_group, tensor_parallel_output_grad=True)
+        else:
+            x = copy_to_tensor_model_parallel_region(x, self.tp_group)
+        y = self._te_gemm(x)  # [s, b, out/tp]
+        if self.gather_output:
+            y = gather_from_tensor_model_parallel_region(y, self.tp_group)
+        return y
+
+
+class TERowParallelLinear(RowParallelLinear):
+    """RowParallelLinear whose local GEMM runs in TE (same contract and communication)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            x = scatter_to_tensor_model_parallel_region(x, self.tp_group)
+        y = self._te_gemm(x)  # [s, b, out], partial over this rank's in/tp columns
+        if self.sequence_parallel:
+            return reduce_scatter_to_sequence_parallel_region(y, self.tp_group)
+        return reduce_from_tensor_model_parallel_region(y, self.tp_group)
+
+
+def use_transformer_engine(model: nn.Module, fp8_format: Optional[str] = None) -> int:
+    """Route the GEMMs of the linear layers under ``model.layers`` through TE; returns how many were routed."""
+    recipe = fp8_recipe(fp8_format) if fp8_format else None
+    routed = 0
+    for module in model.layers.modules():
+        if type(module) is ColumnParallelLinear:
+            module.__class__ = TEColumnParallelLinear
+        elif type(module) is RowParallelLinear:
+            module.__class__ = TERowParallelLinear
+        else:
+            continue
+        # Not a registered submodule: parameter names and the state dict stay exactly as before.
+        object.__setattr__(module, "_te_gemm", _TEGemm(module.weight, recipe))
+        routed += 1
+    return routed

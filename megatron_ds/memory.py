@@ -1,0 +1,141 @@
+"""Memory per rank for a layout: parameters, gradients, optimizer state, activations.
+
+Parameter counts come from the model itself built on the meta device (model/param_count.py), so
+they are exact for every TP rank and pipeline stage. The other parts follow from how this code
+base stores things (optim/distributed_optimizer.py, parallel/grad_buffer.py):
+
+    per parameter, bytes          plain DP                 ZeRO-1 (--use-distributed-optimizer)
+    params (model dtype)          2 (bf16) / 4 (fp32)      same
+    main grads (fp32 buffer)      4                        4 + 4/DP (the reduce-scattered shard)
+    Adam moments (fp32)           8                        8/DP
+    fp32 master weights           4 (bf16) / 0 (fp32)      4/DP
+
+Activations are an estimate (autograd's saved tensors per layer, derived for this decoder: pre-norm
+RMSNorm, GQA attention through flash/efficient SDPA (no s x s matrix), SwiGLU, no dropout), in
+the activation dtype, for one micro-batch of b sequences of s tokens:
+
+    per layer, elements saved                              (t = TP, n_q/n_kv heads of size d, f = FFN)
+    2 norm inputs                  2 s b h / t_sp          (t_sp = t under SP, else 1)
+    QKV and gate/up inputs         2 s b h                 (the all-gathered input, under SP too)
+    q, k pre- and post-rotary, v   s b d (2 n_q + 3 n_kv) / t
+    attention output               s b d n_q / t           (input of the out-projection)
+    SwiGLU gate, up, product       3 s b f / t
+  full recompute keeps only each layer's input (s b h / t_sp) and one layer's worth during backward;
+  selective recompute (the attention core) drops the attention output and the post-rotary q, k.
+  The last stage adds the logits (s b V / t) and their fp32 copy in the cross-entropy.
+Under 1F1B pipeline stage r holds up to (PP - r) micro-batches in flight; ``in_flight`` says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from megatron_ds.config import ModelConfig
+
+GiB = 1024**3
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes on one rank."""
+
+    params: int
+    grads: int
+    optimizer: int
+    """Adam moments plus fp32 master weights when they are not the params themselves."""
+    activations_per_microbatch: int
+    in_flight: int
+    """Micro-batches whose activations are alive at once (1F1B: PP - pp_rank; 1 without PP)."""
+    num_params: int
+    """Parameters on this rank."""
+
+    @property
+    def activations(self) -> int:
+        return self.activations_per_microbatch * self.in_flight
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer + self.activations
+
+    def summary(self) -> str:
+        g = lambda n: f"{n / GiB:.2f} GiB"  # noqa: E731
+        return (f"memory per rank (estimate): params {g(self.params)} | grads {g(self.grads)} | optimizer "
+                f"{g(self.optimizer)} | activations {g(self.activations_per_microbatch)} x {self.in_flight} "
+                f"micro-batch(es) | total {g(self.total)}")
+
+
+def stage_layer_ranges(num_layers: int, pp: int, counts: Optional[Sequence[int]] = None) -> list[range]:
+    """Layer range of each stage: ``counts`` if given, else as even as possible (extra layers go last)."""
+    if counts is None:
+        base, extra = divmod(num_layers, pp)
+        counts = [base + (1 if i >= pp - extra else 0) for i in range(pp)]
+    ranges, start = [], 0
+    for n in counts:
+        ranges.append(range(start, start + n))
+        start += n
+    return ranges
+
+
+def activation_elements_per_layer(config: ModelConfig, *, tp: int, sp: bool, seq: int, micro_batch: int,
+                                  recompute: Optional[str] = None) -> int:
+    """Elements autograd keeps for one layer and one micro-batch (see the module docstring)."""
+    s, b, h, d, f = seq, micro_batch, config.hidden_size, config.head_dim, config.ffn_hidden_size
+    nq, nkv = config.num_attention_heads, config.num_kv_heads
+    t_sp = tp if sp and tp > 1 else 1
+    nkv_local = max(nkv, tp)  # KV heads replicated when TP exceeds them: one per rank
+    layer_input = s * b * h // t_sp
+    if recompute == "full":
+        return layer_input
+    norms = 2 * s * b * h // t_sp
+    gathered = 2 * s * b * h
+    qkv = s * b * d * (2 * nq + 3 * nkv_local) // tp
+    attn_out = s * b * d * nq // tp
+    mlp = 3 * s * b * f // tp
+    if recompute == "selective":
+        qkv -= s * b * d * (nq + nkv_local) // tp
+        attn_out = 0
+    return norms + gathered + qkv + attn_out + mlp
+
+
+def estimate(config: ModelConfig, *, tp: int = 1, pp: int = 1, dp: int = 1, sp: bool = False,
+             recompute: Optional[str] = None, micro_batch: int = 1, seq: int = 4096, bf16: bool = True,
+             distributed_optimizer: bool = False, pp_rank: Optional[int] = None,
+             stage_layers: Optional[Sequence[int]] = None) -> MemoryEstimate:
+    """Bytes on TP rank 0 of pipeline stage ``pp_rank`` (None: the stage with the largest total)."""
+    from megatron_ds.model.param_count import count_model_parameters
+
+    if pp_rank is None:
+        return max((estimate(config, tp=tp, pp=pp, dp=dp, sp=sp, recompute=recompute, micro_batch=micro_batch,
+                             seq=seq, bf16=bf16, distributed_optimizer=distributed_optimizer, pp_rank=r,
+                             stage_layers=stage_layers) for r in range(pp)), key=lambda e: e.total)
+    ranges = stage_layer_ranges(config.num_layers, pp, stage_layers)
+    first, last = pp_rank == 0, pp_rank == pp - 1
+    n = count_model_parameters(config, tp, ranges[pp_rank], pre_process=first, post_process=last)
+    p_bytes = 2 if bf16 else 4
+    params = n * p_bytes
+    if distributed_optimizer:
+        grads = 4 * n + 4 * n // dp
+        optimizer = (8 + 4) * n // dp
+    else:
+        grads = 4 * n
+        optimizer = 8 * n + (4 * n if bf16 else 0)
+    act = activation_elements_per_layer(config, tp=tp, sp=sp, seq=seq, micro_batch=micro_batch,
+                                        recompute=recompute) * len(ranges[pp_rank]) * p_bytes
+    if recompute == "full" and len(ranges[pp_rank]):
+        # backward recomputes one layer at a time and holds its activations meanwhile
+        act += activation_elements_per_layer(config, tp=tp, sp=sp, seq=seq, micro_batch=micro_batch) * p_bytes
+    if last:
+        v = config.padded_vocab_size(tp) // tp
+        act += seq * micro_batch * v * (p_bytes + 4)  # logits + the fp32 copy the cross-entropy keeps
+    return MemoryEstimate(params=params, grads=grads, optimizer=optimizer, activations_per_microbatch=act,
+                          in_flight=pp - pp_rank if pp > 1 else 1, num_params=n)
+
+
+def estimate_for_config(cfg, dp_size: int, pp_rank: Optional[int] = None) -> MemoryEstimate:
+    """``estimate`` for a Config (what the trainer prints at start)."""
+    p, t = cfg.parallel, cfg.training
+    return estimate(cfg.model, tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size, dp=dp_size,
+                    sp=p.sequence_parallel, recompute=getattr(t, "recompute_granularity", None),
+                    micro_batch=t.micro_batch_size, seq=t.seq_length, bf16=getattr(t, "bf16", False),
+                    distributed_optimizer=getattr(t, "use_distributed_optimizer", False), pp_rank=pp_rank)

@@ -1,0 +1,125 @@
+"""Hugging Face round trip: our export loads in transformers with our logits; a HF Llama with GQA
+imported at TP2 x PP2 gives, in our model, transformers' logits.
+
+Tolerance 1e-5 of the logits' scale, as in tests/model/test_hf_parity.py: the same fp32 ops on
+the same weights, differing only in summation order (fused GEMMs, TP all-reduce).
+"""
+
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+from megatron_ds.checkpoint.load import CheckpointReader
+from megatron_ds.checkpoint.model_state import load_model, model_sharded_tensors
+from megatron_ds.checkpoint.save import save_checkpoint
+from megatron_ds.parallel.topology import ParallelState
+from tests.checkpoint.helpers import config, hf_weights, model_with_weights, new_model
+from tests.model.hf_reference import hf_model, hf_reference, max_rel_err
+from tests.multiproc import run_world
+from tools.checkpoint.convert_hf import main as convert_main
+
+TOL = 1e-5  # of the logits' max magnitude; see the module docstring
+
+
+def _ids():
+    return hf_reference("gqa", 1000)[1]
+
+
+def test_export_loads_in_transformers_with_our_logits(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    # Our weights, moved away from HF's by a step of "training", saved and exported.
+    model = model_with_weights(ParallelState(), hf_weights())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.sin(torch.arange(p.numel(), dtype=torch.float32)).view_as(p))
+    save_checkpoint(str(tmp_path / "ckpt"), 3, model_sharded_tensors(model), config=config())
+    out = str(tmp_path / "hf")
+    # A 64 KB limit splits the tiny model into several files: the index is exercised.
+    assert convert_main(["export", "--load", str(tmp_path / "ckpt"), "--save", out,
+                         "--max-shard-size-mb", "0.0625"]) == 0
+    with open(os.path.join(out, "model.safetensors.index.json")) as f:
+        assert len(set(json.load(f)["weight_map"].values())) > 1
+    hf = LlamaForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(input_ids=_ids()).logits
+        ours = model(input_ids=_ids())[..., :config().vocab_size]
+    assert max_rel_err(ours, ref) < TOL
+
+
+def _tokenizer(path):
+    """A word-level tokenizer.json with BOS and EOS special tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2, "hello": 3, "world": 4}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<s>", "</s>"])
+    tok.save(path)
+    return path
+
+
+def test_export_copies_the_recorded_tokenizer_and_its_ids(tmp_path):
+    tok = _tokenizer(str(tmp_path / "tokenizer.json"))
+    model = model_with_weights(ParallelState(), hf_weights())
+    save_checkpoint(str(tmp_path / "ckpt"), 1, model_sharded_tensors(model), config=config(),
+                    tokenizer={"path": tok, "sha256_16": "x"})
+    assert convert_main(["export", "--load", str(tmp_path / "ckpt"), "--save", str(tmp_path / "hf")]) == 0
+    with open(tmp_path / "hf" / "config.json") as f:
+        cfg = json.load(f)
+    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["num_key_value_heads"]) == (0, 1, 2)
+    with open(tmp_path / "hf" / "tokenizer.json") as f, open(tok) as g:
+        assert f.read() == g.read()
+
+
+def _import_rank(root, ids):
+    """TP2 ranks, each holding both pipeline stages (layers 0 and 1) chained by hand."""
+    tp_group = dist.group.WORLD
+    reader = CheckpointReader(root)
+    first = new_model(tp_group=tp_group, post_process=False, layer_range=range(0, 1))
+    last = new_model(tp_group=tp_group, pre_process=False, layer_range=range(1, 2))
+    load_model(first, reader)
+    load_model(last, reader)
+    with torch.no_grad():
+        logits = last(hidden_states=first(input_ids=ids)).contiguous()  # [b, s, V_padded/2]
+    shards = [torch.empty_like(logits) for _ in range(2)]
+    dist.all_gather(shards, logits, group=tp_group)
+    return torch.cat(shards, dim=-1)[..., :config().vocab_size]
+
+
+def test_hf_gqa_model_imported_at_tp2_pp2_gives_transformers_logits(tmp_path):
+    hf = hf_model("gqa", 1000)  # 4 query heads over 2 KV heads, random norm weights too
+    hf_dir, out = str(tmp_path / "hf"), str(tmp_path / "ckpt")
+    hf.save_pretrained(hf_dir, max_shard_size="100KB")
+    assert convert_main(["import", "--hf", hf_dir, "--save", out, "--target-tp", "2", "--target-pp", "2"]) == 0
+    ckpt = CheckpointReader(out)
+    assert ckpt.meta["layout"] == dict(tp=2, pp=2, dp=1)
+    assert sorted(f for f in ckpt.meta["files"] if f.endswith(".safetensors")) == \
+        [f"rank_{r:05d}.safetensors" for r in range(4)]
+    ref = hf_reference("gqa", 1000)[3]
+    for logits in run_world(2, _import_rank, root=out, ids=_ids()):
+        assert max_rel_err(logits, ref) < TOL
+
+
+def test_import_then_export_gives_back_the_hf_weights(tmp_path):
+    hf_dir = str(tmp_path / "hf")
+    hf_model("gqa", 1000).save_pretrained(hf_dir)
+    assert convert_main(["import", "--hf", hf_dir, "--save", str(tmp_path / "ckpt"), "--target-tp", "2"]) == 0
+    assert convert_main(["export", "--load", str(tmp_path / "ckpt"), "--save", str(tmp_path / "back")]) == 0
+    from safetensors.torch import load_file
+
+    with open(os.path.join(str(tmp_path / "back"), "model.safetensors.index.json")) as f:
+        files = set(json.load(f)["weight_map"].values())
+    back = {}
+    for fname in files:
+        back.update(load_file(os.path.join(str(tmp_path / "back"), fname)))
+    original = hf_weights()
+    assert back.keys() == original.keys()
+    assert all(torch.equal(back[k], original[k]) for k in original)
+
+
+def test_import_of_a_directory_without_config_is_a_one_line_error(tmp_path, capsys):
+    assert convert_main(["import", "--hf", str(tmp_path), "--save", str(tmp_path / "out")]) == 2
+    assert "config.json: not found" in capsys.readouterr().err

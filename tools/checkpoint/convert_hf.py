@@ -1,0 +1,51 @@
+"""Convert between our checkpoints and Hugging Face Llama checkpoints (the form DeepSeek LLM ships in).
+
+    python tools/checkpoint/convert_hf.py export --load ckpt/ --save hf-model/
+    python tools/checkpoint/convert_hf.py import --hf hf-model/ --save ckpt/ --target-tp 2 --target-pp 2
+
+Export writes config.json, model-0000i-of-0000n.safetensors with model.safetensors.index.json,
+and the tokenizer files when the checkpoint records a tokenizer path; ``transformers`` loads the
+result as LlamaForCausalLM. Import reads that form; the result starts at iteration 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from megatron_ds.checkpoint.format import CheckpointError  # noqa: E402
+from megatron_ds.checkpoint.hf import export_hf, import_hf  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    exp = sub.add_parser("export", help="our checkpoint -> Hugging Face Llama")
+    exp.add_argument("--load", required=True, help="our checkpoint directory (with 'latest') or an iter_N directory")
+    exp.add_argument("--save", required=True, help="output Hugging Face model directory")
+    exp.add_argument("--max-shard-size-mb", type=float, default=2048, help="size limit of each safetensors file")
+    imp = sub.add_parser("import", help="Hugging Face Llama -> our checkpoint")
+    imp.add_argument("--hf", required=True, help="Hugging Face model directory (config.json + *.safetensors)")
+    imp.add_argument("--save", required=True, help="output checkpoint directory")
+    imp.add_argument("--target-tp", type=int, default=1, help="tensor-parallel size the files are laid out for")
+    imp.add_argument("--target-pp", type=int, default=1, help="pipeline-parallel size the files are laid out for")
+    imp.add_argument("--tokenizer-model", default=None, help="tokenizer.json to record (default: the one in --hf)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "export":
+            files = export_hf(args.load, args.save, max_shard_bytes=int(args.max_shard_size_mb * (1 << 20)))
+            print(f"wrote {len(files)} files to {args.save}")
+        else:
+            out = import_hf(args.hf, args.save, args.target_tp, args.target_pp, tokenizer_path=args.tokenizer_model)
+            print(f"wrote {out} (TP {args.target_tp} x PP {args.target_pp})")
+    except (CheckpointError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
