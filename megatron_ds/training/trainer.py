@@ -6,9 +6,16 @@ One step:
      (every pipeline stage reads the batch, so each knows it);
   3. forward/backward per micro-batch in the layout's schedule (no pipelining, 1F1B, or
      interleaved 1F1B over this rank's model chunks); grads accumulate in fp32 main-grad
-     buckets, one buffer per chunk, whose DP all-reduce starts during the chunk's last backward;
-  4. grads of TP-replicated params (norms under SP, replicated KV heads) are summed over TP;
-  5. the global grad norm is clipped, then AdamW steps with the scheduled LR.
+     buckets, one buffer per chunk, whose DP all-reduce (reduce-scatter under ZeRO-1) starts
+     during the chunk's last backward;
+  4. ``MegatronOptimizer.step``: finish the DP collectives, sum the grads of TP-replicated params
+     (norms under SP, replicated KV heads) over TP, clip to the global grad norm, AdamW on the fp32
+     master weights (this rank's 1/DP shard under ZeRO-1), copy back to the model params (bf16)
+     and all-gather them (ZeRO-1). A non-finite grad norm skips the update.
+
+The optimizer is one object for every mode (plain DP or ZeRO-1, fp32 or bf16 params): it owns the
+grad buffers and moves the params into a flat buffer of its own, so it is built once, here, after
+the model is on its device.
 
 The loss lives on the last pipeline stage; it is summed over DP there and broadcast over the
 pipeline group, so every rank logs and returns the same number.
@@ -16,17 +23,18 @@ pipeline group, so every rank logs and returns the same number.
 
 from __future__ import annotations
 
+import resource
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
+from megatron_ds import memory
 from megatron_ds.config import Config
 from megatron_ds.data.sampler import MegatronPretrainingSampler, collate
+from megatron_ds.optim.distributed_optimizer import build_optimizer
 from megatron_ds.optim.lr_schedule import LRSchedule
-from megatron_ds.optim.optimizer import build_adamw, clip_main_grads, global_grad_norm, optimizer_step
-from megatron_ds.parallel.grad_buffer import GradBuffer
 from megatron_ds.parallel.layers import allreduce_tp_replicated_grads
 from megatron_ds.parallel.topology import ParallelState, group_size
 from megatron_ds.training.logger import RunLogger
@@ -49,6 +57,22 @@ class TrainResult:
     """Training samples consumed across all DP ranks (the data position for a resume)."""
 
 
+# The measured peak memory is logged after this many steps: the first step allocates the Adam
+# moments' pages and the grad buckets; by the third the allocator has seen a whole steady step.
+MEMORY_REPORT_STEP = 3
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process so far: allocated CUDA memory, or the max RSS on CPU (Linux: KiB)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _format_bytes(n: int) -> str:
+    return f"{n / memory.GiB:.2f} GiB" if n >= memory.GiB else f"{n / 2**20:.1f} MiB"
+
+
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -63,15 +87,13 @@ class Trainer:
         self.train_ds, self.valid_ds = train_ds, valid_ds
         t = cfg.training
         self.logger = logger or RunLogger(False, None, t.train_iters)
-        chunks = torch.nn.ModuleList(self.model_chunks)  # parameter order = model.parameters() for one chunk
-        self.params = [p for p in chunks.parameters() if p.requires_grad]
-        bucket_numel = int(t.bucket_size_mb * 1024 * 1024 / 4)
-        # One buffer per chunk: a chunk's last backward comes at its own time in the interleaved schedule.
-        self.grad_buffers = [GradBuffer([p for p in c.parameters() if p.requires_grad], state.dp_group,
-                                        bucket_size=bucket_numel) for c in self.model_chunks]
-        self.optimizer = build_adamw(chunks, t.lr, t.weight_decay, (t.adam_beta1, t.adam_beta2), t.adam_eps)
-        self.schedule = LRSchedule(lr=t.lr, min_lr=t.min_lr, warmup_iters=t.lr_warmup_iters,
-                                   decay_iters=t.lr_decay_iters or t.train_iters, style=t.lr_decay_style)
+        # The optimizer re-points every p.data into its flat param buffer, so the model must already
+        # be on its device. It owns the fp32 grad buffers, one per chunk: a chunk's last backward
+        # comes at its own time in the interleaved schedule.
+        self.optimizer = build_optimizer(t, self.model_chunks, state)
+        self.grad_buffers = self.optimizer.grad_buffers
+        self.schedule = LRSchedule.from_config(t)
+        self.memory_estimate = memory.estimate_for_config(cfg, state.dp_size, state.pp_rank)
         self.num_microbatches = t.global_batch_size // (t.micro_batch_size * state.dp_size)
         self.result = TrainResult()
         self.rng_tracker = None  # per-TP-rank RNG streams (parallel/random.py), set by the caller
@@ -110,14 +132,23 @@ class Trainer:
 
     # -- steps ------------------------------------------------------------------------------
 
-    def forward_backward_step(self, micro_batches: list[dict]) -> torch.Tensor:
-        """Gradients of one global batch in every param's ``main_grad`` (summed over DP and, for
-        replicated params, over TP); returns this rank's loss shares."""
+    def _forward_backward(self, micro_batches: list[dict]) -> torch.Tensor:
+        """Zeroed main grads, then forward/backward of one global batch; the DP collectives of the
+        last micro-batch may still be in flight (the optimizer's step waits for them)."""
         self._set_train(True)
-        for buf in self.grad_buffers:
-            buf.zero_grad()
+        self.optimizer.zero_grad()
         tokens = self._global_tokens(micro_batches)
-        local_loss = forward_backward(self.model_chunks, micro_batches, tokens, self.state, self.grad_buffers)
+        return forward_backward(self.model_chunks, micro_batches, tokens, self.state, self.grad_buffers)
+
+    def forward_backward_step(self, micro_batches: list[dict]) -> torch.Tensor:
+        """Gradients of one global batch in every param's ``main_grad``, summed over DP and, for
+        replicated params, over TP, without stepping; returns this rank's loss shares.
+
+        For inspecting gradients (tests, benchmarks); ``train_step`` leaves the sync to the
+        optimizer. Under ZeRO-1 only this rank's shard of each bucket is DP-summed (in the
+        optimizer's shard, not in ``main_grad``).
+        """
+        local_loss = self._forward_backward(micro_batches)
         for buf in self.grad_buffers:
             buf.finish_grad_sync()
         for c in self.model_chunks:
@@ -125,12 +156,19 @@ class Trainer:
         return local_loss
 
     def train_step(self, micro_batches: list[dict], iteration: int) -> tuple[float, float, float]:
-        local_loss = self.forward_backward_step(micro_batches)
-        grad_norm = global_grad_norm(self.params, self.state)
-        clip_main_grads(self.params, self.cfg.training.clip_grad, grad_norm)
+        """One optimizer step; returns (global-batch loss, grad norm before clipping, LR)."""
+        local_loss = self._forward_backward(micro_batches)
         lr = self.schedule(iteration)
-        optimizer_step(self.optimizer, self.params, lr)
+        grad_norm = self.optimizer.step(lr)  # non-finite: the update was skipped
         return self._reduce_loss(local_loss), grad_norm, lr
+
+    def log_memory(self, steps: int) -> None:
+        """The estimate beside the measured peak of this rank (rank 0's log line)."""
+        cuda = torch.device(self.state.device).type == "cuda"
+        self.logger.info(f"memory per rank after {steps} step(s): measured peak "
+                         f"{_format_bytes(peak_memory_bytes(self.state.device))} "
+                         f"({'max allocated' if cuda else 'max RSS of the whole process'}) | "
+                         f"estimate {_format_bytes(self.memory_estimate.total)}")
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -156,12 +194,15 @@ class Trainer:
         tokens_per_step = t.global_batch_size * t.seq_length
         window_loss, window_steps, window_start = 0.0, 0, time.time()
         steps = t.train_iters - start_iteration
+        self.logger.info(self.memory_estimate.summary())
         for micro_batches in self._batches(self.train_ds, consumed_samples, steps):
             loss, grad_norm, lr = self.train_step(micro_batches, res.iteration)
             res.iteration += 1
             res.consumed_train_samples += t.global_batch_size
             res.losses.append(loss)
             res.grad_norms.append(grad_norm)
+            if res.iteration - start_iteration == min(MEMORY_REPORT_STEP, steps):
+                self.log_memory(res.iteration - start_iteration)
             window_loss += loss
             window_steps += 1
             if res.iteration % t.log_interval == 0 or res.iteration == t.train_iters:

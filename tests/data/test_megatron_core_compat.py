@@ -12,8 +12,9 @@ from tools import merge_datasets, preprocess_data
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # "Transformer Engine and Apex are not installed"
-    mcore = pytest.importorskip("megatron.core.datasets.indexed_dataset")
-torch = pytest.importorskip("torch")
+    # A test dependency (setup.py's [test] extra): missing means a broken install, not a skip.
+    import megatron.core.datasets.indexed_dataset as mcore
+import torch
 
 # megatron-core's builder passes a tensor to numpy.array(copy=False) under NumPy 2: its warning.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

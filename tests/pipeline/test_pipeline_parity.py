@@ -10,14 +10,14 @@ One world per size runs all its layouts in one call (spawning worlds is the slow
 """
 
 import functools
-import os
 import shutil
 import tempfile
 
 import pytest
 import torch
 
-from megatron_ds.checkpoint.local import load_checkpoint
+from megatron_ds.checkpoint.checkpointing import load
+from megatron_ds.checkpoint.model_state import model_sharded_tensors
 from megatron_ds.config import config_from_args, validate
 from megatron_ds.parallel.topology import build_parallel_state, single_process_state
 from megatron_ds.pretrain import build_datasets, build_model, run
@@ -48,7 +48,7 @@ LAYOUTS = {
                            "--pipeline-model-parallel-size", "2"]},
 }
 
-# This layout also saves its checkpoint (a list of per-chunk state dicts), which is loaded back.
+# This layout also saves its checkpoint (every model chunk's pieces), which is loaded back.
 SAVE_LAYOUT = "pp2-interleaved"
 
 # A pipeline alone computes every micro-batch with the same ops in the same order as the single
@@ -93,18 +93,16 @@ def _generate(cfg, state) -> list[int]:
 
 
 def _check_checkpoint(cfg, state, save_dir) -> int:
-    """The run saved one file per (tp, pp) rank; with model chunks a list of state dicts, which load back."""
+    """The run saved every model chunk's pieces; a fresh model of this layout loads them back, and
+    each parameter then equals the stored block of its global tensor."""
     model = build_model(cfg, state)
-    iteration, _ = load_checkpoint(save_dir, state, model, None)
-    saved = torch.load(os.path.join(save_dir, f"iter_{iteration:07d}", f"mp_rank_{state.tp_rank:02d}_{state.pp_rank:03d}",
-                                    "model_optim.pt"), weights_only=False)["model"]
     chunks = model if isinstance(model, list) else [model]
-    sds = saved if isinstance(saved, list) else [saved]
-    assert len(sds) == len(chunks)
-    for chunk, sd in zip(chunks, sds):
-        for name, p in chunk.state_dict().items():
-            assert torch.equal(p, sd[name]), name
-    return iteration
+    ckpt = load(save_dir, chunks, state)
+    for chunk in chunks:
+        for piece in model_sharded_tensors(chunk):
+            stored = ckpt.reader.read(piece.key, piece.offsets, piece.shape)
+            assert torch.equal(piece.data, stored), piece.key
+    return ckpt.iteration
 
 
 def _run_layouts(layouts: dict, world: int, save_dir=None) -> dict:

@@ -61,8 +61,9 @@ def test_trains_saves_logs_and_generates(corpus, tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "iter      6/6" in out and "validation at iter 6" in out and "sample: def" in out, out
-    assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text() == "6"
-    assert (tmp_path / "ckpt" / "iter_0000006" / "mp_rank_00_000" / "model_optim.pt").is_file()
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "iter_0000006"
+    assert (tmp_path / "ckpt" / "iter_0000006" / "metadata.json").is_file()
+    assert (tmp_path / "ckpt" / "iter_0000006" / "rank_00000.safetensors").is_file()
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tb"))
 
     # --load picks the run up at iteration 6 and continues to 8.
@@ -71,7 +72,7 @@ def test_trains_saves_logs_and_generates(corpus, tmp_path):
                             "--load", str(tmp_path / "ckpt"), "--save", str(tmp_path / "ckpt")])
     assert proc.returncode == 0, proc.stderr
     assert "resumed from" in proc.stdout and "iter      7/8" in proc.stdout, proc.stdout
-    assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text() == "8"
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "iter_0000008"
 
 
 def test_tp_that_does_not_divide_heads_is_one_line():

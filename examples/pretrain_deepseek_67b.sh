@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# DeepSeek LLM 67B pre-training with the paper's recipe on a multi-node GPU cluster.
+#
+#   mkdir -p logs && sbatch examples/pretrain_deepseek_67b.sh     # SLURM, from the repo root
+#   NNODES=32 NODE_RANK=<0..31> MASTER_ADDR=node0 MASTER_PORT=29500 \
+#       bash examples/pretrain_deepseek_67b.sh                       # plain torchrun, once per node
+#   DRY_RUN=1 NNODES=32 bash examples/pretrain_deepseek_67b.sh       # print the plan and exit
+#   bash examples/pretrain_deepseek_67b.sh --dry-run --log-interval 1  # extra args go to megatron_ds.pretrain
+#
+# Environment: DATA_PATH (a .bin/.idx prefix, or "w1 p1 w2 p2" to blend), TOKENIZER (tokenizer.json),
+# CKPT_DIR (saved to and resumed from), TB_DIR (TensorBoard); GPUS_PER_NODE (8); TP, PP, MICRO_BATCH,
+# LAYER_SPLIT, TRAIN_TOKENS (2e12) or TRAIN_ITERS to override; LAUNCHER=slurm|torchrun (default: slurm
+# inside an allocation); the NCCL variables in examples/common_cluster_env.sh.
+#
+# Layout: TP 2 x PP 32 (DP 4 on 256 GPUs), micro-batch 1, no recomputation. That is the fastest layout
+# `python tools/plan_layout.py --model deepseek-67b --gpus 256 --gpu h100` finds that fits in 80 GB:
+# est. 66.9 s/step, 65.9 GiB on the fullest GPU (stage 0: 32 micro-batches in flight of 3 layers each).
+# TP stays at 2 because the trainer does not yet overlap the SP collectives with GEMMs, so every TP doubling
+# adds exposed NVLink time (TP 8 x PP 8: est. 80.0 s/step, 25% of it TP traffic); the depth goes to the pipeline
+# instead, whose bubble (P-1)/(M+P-1) is small at M = 1152 micro-batches. 95 layers do not divide by 32:
+# the stages take 3 layers each and the last takes 2 (--decoder-last-pipeline-num-layers 2), as it also
+# runs the LM head and the loss (about one layer of work). On 1024 GPUs the planner prefers TP 2 x PP 16
+# (DP 32): NNODES=128 PP=16 (split 6 x 15 + 5).
+#SBATCH --job-name=deepseek-67b
+#SBATCH --nodes=32
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=64
+#SBATCH --exclusive
+#SBATCH --time=72:00:00
+#SBATCH --output=logs/%x-%j.out
+set -euo pipefail
+
+DRY_RUN=${DRY_RUN:-0}
+ARGS=()
+for a in "$@"; do
+    if [[ "$a" == --dry-run ]]; then DRY_RUN=1; else ARGS+=("$a"); fi
+done
+# sbatch runs a copy of this file from its spool directory: find the repo from where it was submitted.
+REPO_DIR=${REPO_DIR:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}
+cd "$REPO_DIR" || exit 2
+[[ -f examples/common_cluster_env.sh ]] || { echo "error: $REPO_DIR is not the megatron-ds repo; set REPO_DIR" >&2; exit 2; }
+# shellcheck source=examples/common_cluster_env.sh
+source examples/common_cluster_env.sh
+
+MODEL=deepseek-67b
+NUM_LAYERS=95
+SEQ_LENGTH=4096
+GLOBAL_BATCH=4608       # sequences: 18.87M tokens per step (the paper's 67B batch)
+LR=3.2e-4               # the paper's 67B peak
+TP=${TP:-2}
+PP=${PP:-32}
+MICRO_BATCH=${MICRO_BATCH:-1}
+
+require_env DATA_PATH "prefix of the .bin/.idx written by tools/preprocess_data.py"
+require_env TOKENIZER "tokenizer.json"
+require_env CKPT_DIR "checkpoint directory"
+require_env TB_DIR "TensorBoard directory"
+resolve_cluster
+resolve_layout
+
+read -r -a DATA_ARGS <<< "$DATA_PATH"
+TRAIN_ARGS=(
+    --model "$MODEL"
+    --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" "${SPLIT_ARGS[@]}"
+    "${SP_ARGS[@]}" --use-distributed-optimizer --bf16
+    --seq-length "$SEQ_LENGTH" --max-position-embeddings "$SEQ_LENGTH"
+    --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH" --train-iters "$TRAIN_ITERS"
+    --lr "$LR" --lr-warmup-iters 2000 --lr-decay-style multistep
+    --lr-decay-milestones "0.8,0.9" --lr-decay-factors "0.316,0.1"
+    --adam-beta1 0.9 --adam-beta2 0.95 --weight-decay 0.1 --clip-grad 1.0 --init-method-std 0.006
+    --data-path "${DATA_ARGS[@]}" --tokenizer-model "$TOKENIZER"
+    --save "$CKPT_DIR" --load "$CKPT_DIR" --save-interval-minutes 5 --keep-last-n 3
+    --tensorboard-dir "$TB_DIR" --log-interval 1 --eval-interval 1000 --eval-iters 10
+    "${ARGS[@]}"
+)
+cluster_launch

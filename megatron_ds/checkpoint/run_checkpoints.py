@@ -1,0 +1,161 @@
+"""A training run's checkpoints: resume from --load, periodic and final saves, preemption.
+
+``pretrain.run`` uses it in four places::
+
+    ckpts = RunCheckpoints(cfg, state, model_chunks, trainer.optimizer, rng_tracker, tokenizer, logger)
+    start, consumed = ckpts.resume()                 # --load (any layout), --finetune, --no-load-*
+    try:
+        result = trainer.train(start, consumed, on_step=ckpts.on_step)
+    except StopTraining:                             # SIGTERM / SIGINT, agreed by every rank
+        result = trainer.result
+    ckpts.finish(result)                             # final save, waits for the writer
+
+``on_step`` runs at every step boundary on every rank. It makes one small collective (MAX over
+the world of [signal received, minutes due]) so that all ranks take the same decision, then
+saves when ``--save-interval`` steps or ``--save-interval-minutes`` have passed: the copy off the
+parameters and optimizer state happens there, the writing in the background (``--async-save``,
+the default), and a save waits for the one before it. On an agreed signal it raises
+``StopTraining``; ``finish`` then writes the final checkpoint and waits for it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_ds.checkpoint.checkpointing import AsyncCheckpointWriter, load, save, tokenizer_identity
+from megatron_ds.checkpoint.format import LATEST, METADATA
+from megatron_ds.checkpoint.optimizer_state import (
+    load_optimizer_state, optimizer_common_state, optimizer_sharded_tensors, reset_optimizer_from_model,
+)
+from megatron_ds.checkpoint.preemption import PreemptionHandler, StopTraining
+from megatron_ds.parallel.topology import ParallelState
+
+
+def has_checkpoint(path: str) -> bool:
+    """A --save directory with a ``latest`` pointer, or a checkpoint directory itself."""
+    return os.path.isfile(os.path.join(path, LATEST)) or os.path.isfile(os.path.join(path, METADATA))
+
+
+class RunCheckpoints:
+    def __init__(self, cfg, state: ParallelState, model_chunks, optimizer, rng_tracker=None, tokenizer=None,
+                 logger=None):
+        self.cfg, self.state = cfg, state
+        self.t = cfg.training
+        self.chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+        self.optimizer, self.rng_tracker, self.tokenizer = optimizer, rng_tracker, tokenizer
+        self.logger = logger
+        self.writer: Optional[AsyncCheckpointWriter] = (
+            AsyncCheckpointWriter() if self.t.save and self.t.async_save else None)
+        self.preemption: Optional[PreemptionHandler] = None
+        if self.t.save and threading.current_thread() is threading.main_thread():
+            self.preemption = PreemptionHandler().install()
+        self.last_saved: Optional[int] = None
+        self._last_save_time = time.monotonic()
+        self.blocked_s: list[float] = []
+        """Seconds the training loop was blocked by each save (copy + wait for the previous one)."""
+
+    def _info(self, msg: str) -> None:
+        if self.logger is not None:
+            self.logger.info(msg)
+
+    # -- load ----------------------------------------------------------------------------------
+
+    def resume(self) -> tuple[int, int]:
+        """Load --load (when there is a checkpoint there); returns (start iteration, consumed samples)."""
+        t = self.t
+        if not t.load:
+            return 0, 0
+        if not has_checkpoint(t.load):
+            self._info(f"no checkpoint in --load {t.load}; starting from scratch")
+            return 0, 0
+        weights_only = t.finetune
+        ckpt = load(t.load, self.chunks, self.state, rng_tracker=self.rng_tracker,
+                    load_rng=not (t.no_load_rng or weights_only))
+        if weights_only or t.no_load_optim:
+            reset_optimizer_from_model(self.optimizer)
+        else:
+            load_optimizer_state(self.optimizer, self.chunks, self.state, ckpt.reader, ckpt.common_state)
+        saved_tok, tok = ckpt.reader.tokenizer, tokenizer_identity(self.tokenizer)
+        if saved_tok and tok and saved_tok.get("sha256_16") != tok.get("sha256_16"):
+            self._info(f"warning: {ckpt.reader.dir} was trained with tokenizer {saved_tok.get('path')} "
+                       f"({saved_tok.get('sha256_16')}), this run uses {tok['path']} ({tok['sha256_16']})")
+        saved_layout = ckpt.reader.meta.get("layout") or {}
+        where = (f"{ckpt.reader.dir} (saved at TP {saved_layout.get('tp')} x PP {saved_layout.get('pp')} x "
+                 f"DP {saved_layout.get('dp')}, iteration {ckpt.iteration})")
+        if weights_only:
+            self._info(f"finetuning from the weights of {where}; optimizer, RNG and iteration start afresh")
+            return 0, 0
+        self._info(f"resumed from {where} at iteration {ckpt.iteration}"
+                   f"{'' if not t.no_load_optim else ', optimizer state not loaded (--no-load-optim)'}"
+                   f"{'' if ckpt.rng_restored else ', RNG as seeded'}")
+        return ckpt.iteration, ckpt.consumed_samples
+
+    # -- save ----------------------------------------------------------------------------------
+
+    def save(self, iteration: int, consumed_samples: int) -> str:
+        """Collective: every rank. Returns the checkpoint directory (complete after ``wait``)."""
+        t0 = time.perf_counter()
+        schedule = {"iteration": iteration, "consumed_samples": consumed_samples,
+                    "style": self.t.lr_decay_style, "train_iters": self.t.train_iters}
+        common = {"lr_schedule": schedule, "optimizer": optimizer_common_state(self.optimizer)}
+        path = save(self.t.save, iteration, self.chunks, self.state, consumed_samples=consumed_samples,
+                    config=self.cfg, rng_tracker=self.rng_tracker, common_state=common,
+                    optimizer_tensors=optimizer_sharded_tensors(self.optimizer, self.chunks, self.state),
+                    tokenizer=tokenizer_identity(self.tokenizer), keep_last_n=self.t.keep_last_n,
+                    writer=self.writer)
+        self.blocked_s.append(time.perf_counter() - t0)
+        self.last_saved = iteration
+        self._last_save_time = time.monotonic()
+        return path
+
+    def _agree(self, minutes_due: bool) -> tuple[bool, bool]:
+        """(stop, save now) the same on every rank: MAX over the world of each rank's flags."""
+        flags = torch.tensor([int(self.preemption is not None and self.preemption.requested), int(minutes_due)],
+                             dtype=torch.int32, device=self.state.device)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return bool(flags[0].item()), bool(flags[1].item())
+
+    def on_step(self, res) -> None:
+        """The trainer's step callback: periodic saves; StopTraining once a signal is agreed."""
+        t = self.t
+        if not t.save:
+            return
+        minutes_due = t.save_interval_minutes > 0 and (
+            time.monotonic() - self._last_save_time >= 60.0 * t.save_interval_minutes)
+        stop, minutes_due = self._agree(minutes_due)
+        if stop:
+            signum = self.preemption.received if self.preemption is not None else None
+            raise StopTraining(f"signal {signum} at iteration {res.iteration}", signum)
+        steps_due = t.save_interval > 0 and res.iteration % t.save_interval == 0
+        if (steps_due or minutes_due) and res.iteration < t.train_iters:  # the last one is finish()'s
+            self.save(res.iteration, res.consumed_train_samples)
+
+    def finish(self, result, stopped: Optional[StopTraining] = None) -> Optional[str]:
+        """The final save (when --save), waited for; the signal handlers are restored."""
+        path = None
+        try:
+            if self.t.save and self.last_saved != result.iteration:
+                path = self.save(result.iteration, result.consumed_train_samples)
+            if self.writer is not None:
+                self.writer.wait()
+        finally:
+            self.close()
+        if path is not None:
+            self._info(f"saved checkpoint {path}" + (f" (stopping: {stopped.reason})" if stopped else ""))
+        if self.blocked_s:
+            mean_ms = 1e3 * sum(self.blocked_s) / len(self.blocked_s)
+            self._info(f"{len(self.blocked_s)} checkpoint save(s), {'asynchronous' if self.writer else 'synchronous'}:"
+                       f" the training loop was blocked {mean_ms:.1f} ms per save on average")
+        return path
+
+    def close(self) -> None:
+        if self.preemption is not None:
+            self.preemption.restore()
+            self.preemption = None

@@ -1,0 +1,190 @@
+"""The layout planner: its communication volumes against hand arithmetic, memory rejections with a reason,
+and the 67B proposals at 256 and 1024 GPUs checked by building the model on the meta device."""
+
+import contextlib
+import io
+
+import pytest
+
+from megatron_ds import planner
+from megatron_ds.config import ModelConfig, config_from_args, model_preset, validate
+from megatron_ds.memory import estimate
+from megatron_ds.model.param_count import rank_parameter_counts
+from megatron_ds.model.partition import rank_chunk_ranges, stage_layer_counts, stage_parameter_counts
+
+PARAMS_67B = 67_425_001_472  # deepseek-67b with the vocabulary padded to 102400 (docs/deepseek-llm.md: 67.43 B)
+
+
+@pytest.fixture(scope="module")
+def proposals():
+    """The planner's 67B pick on H100 clusters of 256 and 1024 GPUs at the paper's batch (4608 x 4096)."""
+    return {n: planner.propose("deepseek-67b", n, "h100", global_batch=4608) for n in (256, 1024)}
+
+
+# ---- communication formulas on a small case, by hand -----------------------------------------------------
+# h = 128, s = 16, b = 2: one bf16 activation (s b h) is 16 * 2 * 128 * 2 = 8192 bytes.
+SMALL = ModelConfig(num_layers=4, hidden_size=128, ffn_hidden_size=352, num_attention_heads=8, num_query_groups=4)
+
+
+def test_tp_sp_bytes_per_layer():
+    # 4 AG + 4 RS per layer (fwd 2 + 2, bwd 2 + 2), each moving 3/4 of 8192 bytes per GPU at TP 4
+    assert planner.tp_bytes_per_layer(SMALL, 4, 16, 2, None) == 8 * 6144
+    assert planner.tp_bytes_per_layer(SMALL, 4, 16, 2, "full") == 12 * 6144  # recompute repeats the forward's 4
+    assert planner.tp_bytes_per_layer(SMALL, 2, 16, 2, None) == 8 * 4096
+    assert planner.tp_bytes_per_layer(SMALL, 1, 16, 2, None) == 0
+
+
+def test_pp_bytes_per_microbatch():
+    # output forward + gradient backward, each the sequence shard 8192 / 4
+    assert planner.pp_bytes_per_microbatch(SMALL, 4, 16, 2) == 2 * 2048
+
+
+def test_zero1_bytes():
+    # 1000 params over DP 4: reduce-scatter 3/4 of 4000 fp32 bytes, all-gather 3/4 of 2000 bf16 bytes
+    assert planner.zero1_bytes(1000, 4) == (3000, 1500)
+    assert planner.zero1_bytes(1000, 1) == (0, 0)
+
+
+def test_comm_time_is_bandwidth_plus_latency():
+    c = planner.Cluster(num_gpus=8, latency_us=10)
+    assert planner.comm_time(2e9, 100, c, count=3) == pytest.approx(0.02 + 30e-6)
+
+
+@pytest.mark.parametrize("vpp", [1, 2])
+def test_bubble_is_pipeline_fill_over_step(vpp):
+    """8 layers, PP 4 x DP 2, 16 sequences of mb 1: M = 8 micro-batches; bubble (P-1)/V / (M + (P-1)/V)."""
+    config = model_preset("small")
+    c = planner.Cluster(num_gpus=8, gpus_per_node=8)
+    lay = planner.Layout(1, 4, 2, 1, None, vpp, (2, 2, 2, 2))
+    p = planner.evaluate(config, c, lay, global_batch=16, seq=256)
+    assert p.feasible, p.reason
+    assert p.num_microbatches == 8
+    assert p.bubble == pytest.approx((3 / vpp) / (8 + 3 / vpp))
+
+
+# ---- feasibility -----------------------------------------------------------------------------------------
+
+def test_layout_over_memory_is_rejected_with_its_reason():
+    """67B unsplit on 8 H100s: 67 B params x (2 + 4 + 4/8 + 12/8) bytes alone is ~470 GiB per GPU."""
+    config = model_preset("deepseek-67b")
+    c = planner.Cluster(num_gpus=8)
+    p = planner.evaluate(config, c, planner.Layout(1, 1, 8, 1, "full", 1, (95,)), global_batch=4608, seq=4096)
+    assert not p.feasible
+    assert p.reason.startswith("out of memory: stage 0 needs ")
+    assert "68.0 GiB budget" in p.reason and "params 125.59 GiB" in p.reason  # 67.4 B x 2 bytes
+    assert p.memory.total > c.budget_bytes
+
+
+def test_rule_breaking_layouts_are_rejected_with_the_trainers_message():
+    config = model_preset("deepseek-67b")
+    c = planner.Cluster(num_gpus=256)
+    p = planner.evaluate(config, c, planner.Layout(16, 1, 16, 1, None, 1, (95,)), global_batch=4608, seq=4096)
+    assert "TP 16 does not fit in a 8-GPU node" in p.reason
+    p = planner.evaluate(config, c, planner.Layout(1, 1, 256, 4, None, 1, (95,)), global_batch=4608, seq=4096)
+    assert p.reason == ("--global-batch-size 4608 is not a multiple of --micro-batch-size 4 x data-parallel size 256")
+
+
+def test_balanced_split_lightens_the_last_stage_for_the_lm_head():
+    assert planner.balanced_split(95, 8, 1.2) == [12] * 7 + [11]
+    assert planner.balanced_split(95, 16, 1.2) == [6] * 15 + [5]
+    assert planner.balanced_split(8, 4, 0.0) == [2, 2, 2, 2]
+    assert planner.split_flags([12] * 7 + [11]) == ["--decoder-last-pipeline-num-layers", "11"]
+    assert planner.split_flags([3, 4, 4, 5]) == ["--decoder-first-pipeline-num-layers", "3",
+                                                 "--decoder-last-pipeline-num-layers", "5"]
+    assert planner.split_flags([3, 4, 5, 4]) == ["--pipeline-layer-split", "3,4,5,4"]
+    assert planner.split_flags([4, 4]) == []
+
+
+def test_feasible_plans_come_first_fastest_first():
+    plans = planner.plan_layouts(model_preset("deepseek-7b"), planner.Cluster(num_gpus=16), global_batch=2304)
+    ok = [p for p in plans if p.feasible]
+    assert ok and all(p.feasible for p in plans[: len(ok)])
+    assert [p.step_s for p in ok] == sorted(p.step_s for p in ok)
+    assert all(p.memory.total <= planner.Cluster(num_gpus=16).budget_bytes for p in ok)
+
+
+# ---- the 67B proposals -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("gpus", [256, 1024])
+def test_67b_proposal_fits_by_the_memory_estimate(proposals, gpus):
+    p = proposals[gpus]
+    lay = p.layout
+    assert lay.tp * lay.pp * lay.dp == gpus and lay.tp <= 8
+    budget = planner.Cluster(num_gpus=gpus).budget_bytes
+    # every stage, straight from memory.py, fits (the planner only looked at the candidates for largest)
+    for r in range(lay.pp):
+        e = estimate(model_preset("deepseek-67b"), tp=lay.tp, pp=lay.pp, dp=lay.dp, sp=lay.tp > 1,
+                     recompute=lay.recompute, micro_batch=lay.micro_batch, seq=4096, bf16=True,
+                     distributed_optimizer=True, pp_rank=r, stage_layers=list(lay.stage_layers))
+        assert e.total <= p.memory.total <= budget
+    assert 0 < p.bubble < 0.15 and 0.3 < p.mfu < 0.6
+
+
+@pytest.mark.parametrize("gpus", [256, 1024])
+def test_67b_proposal_on_the_meta_device(proposals, gpus):
+    """The proposal's flags go through the trainer's CLI and checks; the model built stage by stage on the
+    meta device (VirtualGroup TP shards) has the planned layers per stage and all 67,425,001,472 parameters."""
+    p = proposals[gpus]
+    lay = p.layout
+    argv = ["--model", "deepseek-67b", *lay.flags(95), "--global-batch-size", "4608", "--seq-length", "4096",
+            "--bf16", "--use-distributed-optimizer"]
+    cfg = config_from_args(argv)
+    validate(cfg, gpus)
+    assert stage_layer_counts(95, cfg.parallel) == list(lay.stage_layers)
+
+    stages = stage_parameter_counts(cfg.model, lay.tp, cfg.parallel)
+    assert [sum(len(r) for r in s["layers"]) for s in stages] == list(lay.stage_layers)
+    assert stages[0]["layers"][0].start == 0 and stages[-1]["layers"][-1].stop == 95
+    assert sum(s["parameters"] for s in stages) == PARAMS_67B
+
+    # one rank per stage: TP rank 0's shard x TP + its replicated copies is the stage (equal shards, 8 KV heads
+    # divide by TP), and the rank the memory estimate charged holds what it counted
+    for s in stages:
+        r = s["pp_rank"]
+        (rng,) = rank_chunk_ranges(95, cfg.parallel, r)
+        c = rank_parameter_counts(cfg.model, lay.tp, 0, layer_range=rng, pre_process=r == 0, post_process=r == lay.pp - 1)
+        assert c["sharded"] * lay.tp + c["replicated"] == s["parameters"]
+        if r == p.memory_stage:
+            assert c["sharded"] + c["replicated"] == p.memory.num_params
+
+
+def test_plan_layout_tool_prints_the_table_and_flags():
+    from tools import plan_layout
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert plan_layout.main(["--model", "deepseek-7b", "--gpus", "16", "--top", "3", "--show-rejected", "1"]) == 0
+    text = out.getvalue()
+    assert "deepseek-7b on 16 x h100" in text and "bubble" in text and "rejected " in text
+    best = planner.propose("deepseek-7b", 16, global_batch=2304)
+    assert text.strip().splitlines()[-1] == "flags: " + " ".join(best.layout.flags(30))
+
+
+def test_plan_layout_tool_bad_input_is_one_line(capsys):
+    from tools import plan_layout
+
+    assert plan_layout.main(["--gpus", "8", "--gpu", "v100"]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0
+    assert plan_layout.main(["--gpus", "8", "--model", "deepseek-67b"]) == 2  # nothing fits on 8 x 80 GB
+
+
+def test_plan_layout_tool_checks_one_layout(capsys, proposals):
+    from tools import plan_layout
+
+    p = proposals[256]
+    split = ",".join(map(str, p.layout.stage_layers))
+    assert plan_layout.main(["--gpus", "256", "--layout", str(p.layout.tp), str(p.layout.pp), "1", "--split", split]) == 0
+    assert f"est. {p.step_s:.2f} s/step" in capsys.readouterr().out
+    assert plan_layout.main(["--gpus", "8", "--layout", "1", "1", "1"]) == 1  # 67B on one node: does not fit
+    assert "does not fit: out of memory" in capsys.readouterr().out
+
+
+def test_pruning_rejects_only_layouts_that_do_not_fit():
+    """The pruned search rejects exactly what evaluating every layout rejects (and the same winner)."""
+    config, c = model_preset("deepseek-67b"), planner.Cluster(num_gpus=64)
+    pruned = planner.plan_layouts(config, c, global_batch=4608)
+    full = planner.plan_layouts(config, c, global_batch=4608, prune=False)
+    key = lambda p: (p.layout.name(), p.feasible)  # noqa: E731
+    assert sorted(map(key, pruned)) == sorted(map(key, full))
+    assert pruned[0].layout == full[0].layout and pruned[0].step_s == full[0].step_s
+    assert any(p.reason.startswith("out of memory: needs at least what") for p in pruned)
