@@ -42,6 +42,21 @@ def _cpu_isa_flags() -> list[str]:
     return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
 
 
+def _set_cuda_home() -> None:
+    """Point torch's extension builder at the toolkit that owns ``nvcc``.
+
+    torch guesses CUDA_HOME from nvcc's directory; with nvcc on PATH through a link such as
+    /usr/local/bin/nvcc that guess is /usr/local, where libcudart is not, and linking fails.
+    """
+    nvcc = shutil.which("nvcc")
+    if os.environ.get("CUDA_HOME") or nvcc is None:
+        return
+    for home in (os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"):
+        if glob.glob(os.path.join(home, "lib64", "libcudart.so*")):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
 def extensions():
     """(ext_modules, cmdclass) for the csrc/ sources present; empty when there are none."""
     ext_modules, cmdclass = [], {}
@@ -54,6 +69,7 @@ def extensions():
     kernel_src = _sources("csrc/kernels/cpu/*.cpp")
     cuda_src = _sources("csrc/kernels/cuda/*.cu") + _sources("csrc/kernels/cuda/*.cpp")
     if kernel_src or cuda_src:
+        _set_cuda_home()  # before torch.utils.cpp_extension reads it at import
         import torch
         from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
