@@ -59,7 +59,8 @@ class MemoryEstimate:
         return self.params + self.grads + self.optimizer + self.activations
 
     def summary(self) -> str:
-        g = lambda n: f"{n / GiB:.2f} GiB"  # noqa: E731
+        unit, name = (GiB, "GiB") if self.total >= GiB else (2**20, "MiB")  # tiny models read in MiB
+        g = lambda n: f"{n / unit:.2f} {name}"  # noqa: E731
         return (f"memory per rank (estimate): params {g(self.params)} | grads {g(self.grads)} | optimizer "
                 f"{g(self.optimizer)} | activations {g(self.activations_per_microbatch)} x {self.in_flight} "
                 f"micro-batch(es) | total {g(self.total)}")

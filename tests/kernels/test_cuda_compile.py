@@ -20,11 +20,23 @@ CU_FILES = sorted(glob.glob(os.path.join(ROOT, "csrc", "**", "*.cu"), recursive=
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 
 
+def cxx_standard() -> str:
+    """The C++ standard the installed torch's headers demand (torch 2.14 moved to C++20)."""
+    from torch.utils.cpp_extension import include_paths
+
+    for inc in include_paths():
+        header = os.path.join(inc, "ATen", "ATen.h")
+        if os.path.isfile(header):
+            with open(header) as f:
+                return "c++20" if "C++20" in f.read() else "c++17"
+    return "c++17"
+
+
 def nvcc_command(src: str, out: str) -> list[str]:
     from torch.utils.cpp_extension import include_paths
 
     incs = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
-    return ["nvcc", "-c", src, "-o", out, "-std=c++17", "-O3", "--expt-relaxed-constexpr",
+    return ["nvcc", "-c", src, "-o", out, f"-std={cxx_standard()}", "-O3", "--expt-relaxed-constexpr",
             "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
             "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
             "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "-DTORCH_API_INCLUDE_EXTENSION_H",
