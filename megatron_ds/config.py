@@ -16,9 +16,9 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import Optional
 
+from megatron_ds.errors import ConfigError  # noqa: F401 - re-exported: callers import it from here
+from megatron_ds.layer_split import check_pipeline_config
 
-class ConfigError(ValueError):
-    """Bad configuration; the message names the flag and what to do."""
 
 
 @dataclass
@@ -395,10 +395,7 @@ def validate(cfg: Config, world_size: int) -> None:
             f"--global-batch-size {t.global_batch_size} is not a multiple of --micro-batch-size "
             f"{t.micro_batch_size} x data-parallel size {dp}"
         )
-    # Layer split and schedule checks live beside the partitioning code (model/partition.py, which
-    # imports nothing but this module), so the rules are written once.
-    from megatron_ds.model.partition import check_pipeline_config
-
+    # Layer split and interleaving rules are written once, in layer_split.py.
     check_pipeline_config(m.num_layers, p, t.global_batch_size // (t.micro_batch_size * dp))
     if t.keep_last_n is not None and t.keep_last_n < 1:
         raise ConfigError(f"--keep-last-n {t.keep_last_n}: keep at least 1 checkpoint")
