@@ -50,26 +50,4 @@ TP=${TP:-1}
 PP=${PP:-1}
 MICRO_BATCH=${MICRO_BATCH:-1}
 
-require_env DATA_PATH "prefix of the .bin/.idx written by tools/preprocess_data.py"
-require_env TOKENIZER "tokenizer.json"
-require_env CKPT_DIR "checkpoint directory"
-require_env TB_DIR "TensorBoard directory"
-resolve_cluster
-resolve_layout
-
-read -r -a DATA_ARGS <<< "$DATA_PATH"
-TRAIN_ARGS=(
-    --model "$MODEL"
-    --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" "${SPLIT_ARGS[@]}"
-    "${SP_ARGS[@]}" --use-distributed-optimizer --bf16
-    --seq-length "$SEQ_LENGTH" --max-position-embeddings "$SEQ_LENGTH"
-    --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH" --train-iters "$TRAIN_ITERS"
-    --lr "$LR" --lr-warmup-iters 2000 --lr-decay-style multistep
-    --lr-decay-milestones "0.8,0.9" --lr-decay-factors "0.316,0.1"
-    --adam-beta1 0.9 --adam-beta2 0.95 --weight-decay 0.1 --clip-grad 1.0 --init-method-std 0.006
-    --data-path "${DATA_ARGS[@]}" --tokenizer-model "$TOKENIZER"
-    --save "$CKPT_DIR" --load "$CKPT_DIR" --save-interval-minutes 5 --keep-last-n 3
-    --tensorboard-dir "$TB_DIR" --log-interval 1 --eval-interval 1000 --eval-iters 10
-    "${ARGS[@]}"
-)
-cluster_launch
+pretrain_with_paper_recipe

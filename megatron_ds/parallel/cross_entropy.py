@@ -27,19 +27,34 @@ from megatron_ds.kernels import fused
 from megatron_ds.parallel.topology import group_rank, group_size
 
 
+def _check_args(logits: torch.Tensor, target: torch.Tensor, tp_group, vocab_size: int | None) -> None:
+    v_padded = logits.shape[-1] * group_size(tp_group)
+    if vocab_size is not None and not 0 < vocab_size <= v_padded:
+        raise ValueError(f"vocab_size {vocab_size} must be in (0, {v_padded}] "
+                         f"(the padded vocabulary: {logits.shape[-1]} columns x tp {group_size(tp_group)})")
+    if target.shape != logits.shape[:-1]:
+        raise ValueError(f"target shape {tuple(target.shape)} does not match logits {tuple(logits.shape)}[:-1]")
+
+
+def _vocab_shard(logits: torch.Tensor, tp_group, vocab_size: int | None) -> tuple[int, int, int]:
+    """(V/tp, first global column of this rank, columns of this rank that are real vocabulary)."""
+    v_local = logits.shape[-1]
+    start = group_rank(tp_group) * v_local
+    n_valid = v_local if vocab_size is None else max(0, min(v_local, vocab_size - start))
+    return v_local, start, n_valid
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, tp_group, vocab_size):
         # logits [..., V/tp] (fp32 or bf16), target [...] int64 global ids.
         tp = group_size(tp_group)
-        v_local = logits.shape[-1]
-        start = group_rank(tp_group) * v_local
+        v_local, start, n_valid = _vocab_shard(logits, tp_group, vocab_size)
 
         # [..., V/tp] fp32 (float64 stays float64, for gradcheck); becomes the softmax in place, saved for backward
         z = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if z is logits:
             z = z.clone()  # fp32 input: do not overwrite the caller's logits
-        n_valid = v_local if vocab_size is None else max(0, min(v_local, vocab_size - start))
         if n_valid < v_local:
             # Padding columns (global index >= vocab_size) are -inf: exp gives 0, so they add nothing
             # to the sum and get a zero gradient, whatever the LM head wrote there.
@@ -92,12 +107,7 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, tp_
     ``vocab_size`` is the true (unpadded) vocabulary: columns at global index >= vocab_size are
     excluded from the softmax and get zero gradient. ``target`` must lie in ``[0, vocab_size)``.
     """
-    v_padded = logits.shape[-1] * group_size(tp_group)
-    if vocab_size is not None and not 0 < vocab_size <= v_padded:
-        raise ValueError(f"vocab_size {vocab_size} must be in (0, {v_padded}] "
-                         f"(the padded vocabulary: {logits.shape[-1]} columns x tp {group_size(tp_group)})")
-    if target.shape != logits.shape[:-1]:
-        raise ValueError(f"target shape {tuple(target.shape)} does not match logits {tuple(logits.shape)}[:-1]")
+    _check_args(logits, target, tp_group, vocab_size)
     return _VocabParallelCrossEntropy.apply(logits, target, tp_group, vocab_size)
 
 
@@ -116,9 +126,7 @@ class _FusedVocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, tp_group, vocab_size):
         tp = group_size(tp_group)
-        v_local = logits.shape[-1]
-        start = group_rank(tp_group) * v_local
-        n_valid = v_local if vocab_size is None else max(0, min(v_local, vocab_size - start))
+        v_local, start, n_valid = _vocab_shard(logits, tp_group, vocab_size)
         # target's column on this rank, -1 where another rank owns it: [...] int64
         local_target = target - start
         local_target = local_target.masked_fill((local_target < 0) | (local_target >= v_local), -1)
@@ -162,10 +170,5 @@ def fused_vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tenso
     so nothing else may need its values (the LM head's output is used only here). Its vocab dim
     must be contiguous and its rows flattenable to ``[-1, V/tp]``.
     """
-    v_padded = logits.shape[-1] * group_size(tp_group)
-    if vocab_size is not None and not 0 < vocab_size <= v_padded:
-        raise ValueError(f"vocab_size {vocab_size} must be in (0, {v_padded}] "
-                         f"(the padded vocabulary: {logits.shape[-1]} columns x tp {group_size(tp_group)})")
-    if target.shape != logits.shape[:-1]:
-        raise ValueError(f"target shape {tuple(target.shape)} does not match logits {tuple(logits.shape)}[:-1]")
+    _check_args(logits, target, tp_group, vocab_size)
     return _FusedVocabParallelCrossEntropy.apply(logits, target, tp_group, vocab_size)
