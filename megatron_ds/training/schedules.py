@@ -17,12 +17,36 @@ PP = 1, 1F1B with one model chunk per rank, interleaved 1F1B with several.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Protocol, Sequence
 
 import torch
 
 from megatron_ds.parallel.pipeline import PipelineP2P, build_schedule, run_schedule
 from megatron_ds.parallel.topology import ParallelState, single_process_state
+
+
+class LossFunc(Protocol):
+    """What the last stage makes of the model's per-token loss. Pre-training and SFT average over
+    tokens (``TokenMeanLoss``); DPO averages a per-pair loss (``megatron_ds/dpo.py``)."""
+
+    def count(self, micro_batch: dict) -> torch.Tensor:
+        """This micro-batch's share of the global denominator (tokens, or pairs), a 0-d tensor."""
+
+    def __call__(self, token_loss: torch.Tensor, micro_batch: dict, global_count: float) -> torch.Tensor:
+        """token_loss [b, s] fp32 (-log p of each label) -> the scalar loss share to back-propagate."""
+
+
+class TokenMeanLoss:
+    """The exact per-token mean over the global batch: each micro-batch's masked sum / global token count."""
+
+    def count(self, micro_batch: dict) -> torch.Tensor:
+        return micro_batch["loss_mask"].sum()
+
+    def __call__(self, token_loss: torch.Tensor, micro_batch: dict, global_count: float) -> torch.Tensor:
+        return (token_loss * micro_batch["loss_mask"]).sum() / global_count
+
+
+TOKEN_MEAN = TokenMeanLoss()
 
 
 def _activation_shape(model, micro_batch: dict) -> tuple[int, int, int]:
@@ -35,8 +59,11 @@ def _activation_shape(model, micro_batch: dict) -> tuple[int, int, int]:
 
 def forward_backward(model_chunks: Sequence[torch.nn.Module], micro_batches: list[dict], global_num_tokens: float,
                      state: ParallelState, grad_buffers: Optional[Sequence] = None,
-                     forward_only: bool = False) -> torch.Tensor:
+                     forward_only: bool = False, loss_func: LossFunc = TOKEN_MEAN) -> torch.Tensor:
     """Run this rank's schedule over ``micro_batches``; returns its summed loss shares (zero off the last stage).
+
+    ``global_num_tokens`` is the global denominator: the sum of ``loss_func.count`` over every
+    micro-batch of every DP rank.
 
     ``grad_buffers[c]`` (one per chunk) gets ``is_last_microbatch`` set before the chunk's last
     backward, so its DP bucket all-reduces start as that backward fills them.
@@ -52,7 +79,7 @@ def forward_backward(model_chunks: Sequence[torch.nn.Module], micro_batches: lis
                     position_ids=mb["position_ids"], labels=mb["labels"] if model.post_process else None, **extra)
         if not model.post_process:
             return out  # [s, b, h] ([s/tp, b, h] under SP)
-        return (out * mb["loss_mask"]).sum() / global_num_tokens  # out: per-token loss [b, s] fp32
+        return loss_func(out, mb, global_num_tokens)  # out: per-token loss [b, s] fp32
 
     def before_backward(chunk: int, is_last: bool) -> None:
         if grad_buffers is not None:

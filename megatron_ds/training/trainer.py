@@ -38,7 +38,7 @@ from megatron_ds.optim.lr_schedule import LRSchedule
 from megatron_ds.parallel.layers import allreduce_tp_replicated_grads
 from megatron_ds.parallel.topology import ParallelState, group_size
 from megatron_ds.training.logger import RunLogger
-from megatron_ds.training.schedules import forward_backward
+from megatron_ds.training.schedules import TOKEN_MEAN, LossFunc, forward_backward
 
 
 @dataclass
@@ -81,8 +81,9 @@ class Trainer:
     """Trains ``model``: this rank's module, or its list of model chunks (interleaved pipeline)."""
 
     def __init__(self, cfg: Config, state: ParallelState, model: torch.nn.Module | list[torch.nn.Module], train_ds,
-                 valid_ds=None, logger: RunLogger | None = None):
+                 valid_ds=None, logger: RunLogger | None = None, loss_func: LossFunc = TOKEN_MEAN):
         self.cfg, self.state, self.model = cfg, state, model
+        self.loss_func = loss_func  # token mean (pre-training, SFT) or a per-pair loss (DPO)
         self.model_chunks = list(model) if isinstance(model, (list, tuple)) else [model]
         self.train_ds, self.valid_ds = train_ds, valid_ds
         t = cfg.training
@@ -111,7 +112,7 @@ class Trainer:
             yield [_to_device(collate([dataset[i] for i in next(it)]), s.device) for _ in range(self.num_microbatches)]
 
     def _global_tokens(self, micro_batches: list[dict]) -> float:
-        n = torch.stack([mb["loss_mask"].sum() for mb in micro_batches]).sum().float()
+        n = torch.stack([self.loss_func.count(mb) for mb in micro_batches]).sum().float()
         if group_size(self.state.dp_group) > 1:
             dist.all_reduce(n, group=self.state.dp_group)
         return max(n.item(), 1.0)
@@ -138,7 +139,8 @@ class Trainer:
         self._set_train(True)
         self.optimizer.zero_grad()
         tokens = self._global_tokens(micro_batches)
-        return forward_backward(self.model_chunks, micro_batches, tokens, self.state, self.grad_buffers)
+        return forward_backward(self.model_chunks, micro_batches, tokens, self.state, self.grad_buffers,
+                                loss_func=self.loss_func)
 
     def forward_backward_step(self, micro_batches: list[dict]) -> torch.Tensor:
         """Gradients of one global batch in every param's ``main_grad``, summed over DP and, for
@@ -182,7 +184,7 @@ class Trainer:
         for micro_batches in self._batches(self.valid_ds, 0, min(t.eval_iters, len(self.valid_ds) // t.global_batch_size)):
             tokens = self._global_tokens(micro_batches)
             total += self._reduce_loss(forward_backward(self.model_chunks, micro_batches, tokens, self.state,
-                                                        forward_only=True))
+                                                        forward_only=True, loss_func=self.loss_func))
             count += 1
         self._set_train(True)
         return total / max(count, 1)
