@@ -289,8 +289,12 @@ def field_docs(cls) -> dict[str, str]:
     return docs
 
 
-_SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "training": TrainingConfig, "data": DataConfig,
-             "kernels": KernelConfig}
+def config_sections(config_cls: type = Config) -> dict[str, type]:
+    """The flag sections of a run config: each field of ``config_cls`` that is itself a dataclass.
+    Entry points with flags of their own (sft.py, dpo.py) subclass Config with one more section."""
+    return {f.name: f.default_factory
+            for f in dataclasses.fields(config_cls)
+            if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory)}
 
 
 def _flag(name: str) -> str:
@@ -306,10 +310,10 @@ def _base_type(f: dataclasses.Field):
     raise TypeError(f"unsupported config field type {text}")
 
 
-def build_parser(prog: str = "megatron_ds.pretrain") -> argparse.ArgumentParser:
+def build_parser(prog: str = "megatron_ds.pretrain", config_cls: type = Config) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="Megatron-style 3D-parallel trainer for DeepSeek LLM models.")
     parser.add_argument("--model", default="tiny", help=f"architecture preset: {', '.join(PRESETS)}; single flags override it")
-    for section, cls in _SECTIONS.items():
+    for section, cls in config_sections(config_cls).items():
         group = parser.add_argument_group(section)
         docs = field_docs(cls)
         for f in dataclasses.fields(cls):
@@ -325,12 +329,14 @@ def build_parser(prog: str = "megatron_ds.pretrain") -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(argv: Optional[list[str]] = None) -> Config:
-    """Parse Megatron-style flags into a Config: preset first, then explicit flags on top."""
-    parser = build_parser()
+def config_from_args(argv: Optional[list[str]] = None, config_cls: type = Config,
+                     prog: str = "megatron_ds.pretrain") -> Config:
+    """Parse Megatron-style flags into a Config (or the entry point's subclass ``config_cls``):
+    preset first, then explicit flags on top."""
+    parser = build_parser(prog, config_cls)
     ns = vars(parser.parse_args(argv))
     preset = ns.pop("model")
-    cfg = Config(model=model_preset(preset), preset=preset)
+    cfg = config_cls(model=model_preset(preset), preset=preset)
     for key, value in ns.items():
         if value is None:  # flag not given: keep the preset's or the dataclass default
             continue

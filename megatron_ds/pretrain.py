@@ -125,8 +125,14 @@ def build_datasets(cfg: Config, tokenizer):
     return train, valid
 
 
-def run(cfg: Config, state: ParallelState, tokenizer=None, log: bool | None = None) -> TrainResult:
-    """Build the model and data for this rank and train; the whole run, callable in-process."""
+def run(cfg: Config, state: ParallelState, tokenizer=None, log: bool | None = None, *,
+        build_data=build_datasets, make_trainer=Trainer) -> TrainResult:
+    """Build the model and data for this rank and train; the whole run, callable in-process.
+
+    The fine-tuning entry points reuse it: ``build_data(cfg, tokenizer) -> (train, valid)`` gives
+    their datasets, ``make_trainer(cfg, state, model, train_ds, valid_ds, logger)`` their Trainer
+    (with its loss function; DPO's also holds the frozen reference model).
+    """
     # Default RNG: same on every TP rank; the tracker's stream differs per TP rank, for dropout
     # inside TP regions. Weights do not use either: they come from per-parameter generators.
     rng_tracker = model_parallel_manual_seed(cfg.training.seed, state.tp_rank, state.pp_rank, state.device)
@@ -138,12 +144,12 @@ def run(cfg: Config, state: ParallelState, tokenizer=None, log: bool | None = No
     if auto:
         logger.info(auto)
     model = build_model(cfg, state)
-    train_ds, valid_ds = build_datasets(cfg, tokenizer)
+    train_ds, valid_ds = build_data(cfg, tokenizer)
     n_params = count_parameters(cfg.model, cfg.model.padded_vocab_size(state.tp_size))
     logger.info(f"model {cfg.preset}: {n_params / 1e6:.2f}M parameters | TP {state.tp_size} x PP {state.pp_size} "
                 f"x DP {state.dp_size}{' | sequence parallel' if cfg.parallel.sequence_parallel else ''} | "
                 f"global batch {t.global_batch_size} x {t.seq_length} tokens")
-    trainer = Trainer(cfg, state, model, train_ds, valid_ds, logger)
+    trainer = make_trainer(cfg, state, model, train_ds, valid_ds, logger)
     trainer.rng_tracker = rng_tracker
     # Checkpoints (megatron_ds/checkpoint/run_checkpoints.py): --load at any layout, periodic
     # asynchronous saves from the step callback, and on SIGTERM/SIGINT a final save and a clean exit.
@@ -174,16 +180,23 @@ def run(cfg: Config, state: ParallelState, tokenizer=None, log: bool | None = No
 
 
 def main(argv: list[str] | None = None) -> int:
+    return launch(argv, Config, "megatron_ds.pretrain", check_data_files, run)
+
+
+def launch(argv, config_cls, prog: str, check_inputs, run_fn) -> int:
+    """The process around a run, shared by pretrain, sft and dpo: parse, check what can be checked
+    before any process group exists (``check_inputs(cfg)``), initialize, ``run_fn(cfg, state, tokenizer)``;
+    a user error is one line on stderr (rank 0) and exit code 2."""
     try:
-        cfg = config_from_args(argv)
+        cfg = config_from_args(argv, config_cls, prog)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         validate(cfg, world)
-        check_data_files(cfg)
+        check_inputs(cfg)
         tokenizer = load_tokenizer(cfg)
         device = initialize_distributed()
         state = build_parallel_state(cfg.parallel.tensor_model_parallel_size,
                                      cfg.parallel.pipeline_model_parallel_size, device=device)
-        run(cfg, state, tokenizer)
+        run_fn(cfg, state, tokenizer)
     except USER_ERRORS as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
