@@ -172,6 +172,11 @@ class Trainer:
                          f"({'max allocated' if cuda else 'max RSS of the whole process'}) | "
                          f"estimate {_format_bytes(self.memory_estimate.total)}")
 
+    def log_scalars(self, scalars: dict[str, float]) -> dict[str, float]:
+        """The scalars of one --log-interval line (and TensorBoard); subclasses add theirs (DPO: rewards,
+        preference accuracy) and may rename the loss."""
+        return scalars
+
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss over the first --eval-iters global batches of the validation split.
@@ -209,10 +214,10 @@ class Trainer:
             window_steps += 1
             if res.iteration % t.log_interval == 0 or res.iteration == t.train_iters:
                 dt = time.time() - window_start
-                self.logger.step(res.iteration, {
+                self.logger.step(res.iteration, self.log_scalars({
                     "lm loss": window_loss / window_steps, "lr": lr, "grad norm": grad_norm,
                     "tokens/s": tokens_per_step * window_steps / max(dt, 1e-9),
-                })
+                }))
                 window_loss, window_steps, window_start = 0.0, 0, time.time()
             if self.valid_ds is not None and t.eval_interval > 0 and (
                     res.iteration % t.eval_interval == 0 or res.iteration == t.train_iters):
