@@ -4,7 +4,7 @@ cluster, estimate memory per GPU (``megatron_ds.memory``) and step time, and ran
 Step-time model (one optimizer step, every quantity per GPU):
 
     compute per micro-batch on a stage   F_stage / (TP * peak * gemm_efficiency)
-        F per token = 6 x GEMM weights + 12 h s per layer (scaling.model_scale_of, no causal discount),
+        F per token = 6 x GEMM weights + 12 h s per layer (megatron_ds/flops.py, no causal discount),
         + 6 h V for the LM head on the last stage; recompute 'full' adds one more forward of the
         layers (x 4/3), 'selective' the attention core's forward (4 h s per layer and token).
     TP (SP) comm per layer per micro-batch, over NVLink:
@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from megatron_ds.config import Config, ConfigError, ModelConfig, ParallelConfig, TrainingConfig, model_preset, validate
+from megatron_ds.flops import PEAK_TFLOPS, head_forward_flops_per_token, layer_forward_flops_per_token
 from megatron_ds.memory import GiB, MemoryEstimate, estimate
-from megatron_ds.scaling import model_scale_of
 
 
 @dataclass
@@ -50,9 +50,9 @@ class GPUSpec:
 
 # Dense (no sparsity) bf16 peaks of the SXM parts; bandwidths are what NCCL reaches, about 75-80% of the link.
 GPUS: dict[str, GPUSpec] = {
-    "a100": GPUSpec("a100", 80, 312, 230, 23),
-    "h100": GPUSpec("h100", 80, 989, 360, 45),
-    "h200": GPUSpec("h200", 141, 989, 360, 45),
+    "a100": GPUSpec("a100", 80, PEAK_TFLOPS["a100"]["bf16"], 230, 23),
+    "h100": GPUSpec("h100", 80, PEAK_TFLOPS["h100"]["bf16"], 360, 45),
+    "h200": GPUSpec("h200", 141, PEAK_TFLOPS["h200"]["bf16"], 360, 45),
 }
 
 
@@ -158,13 +158,13 @@ def split_flags(counts: list[int]) -> list[str]:
 
 
 def layer_flops_per_token(config: ModelConfig, seq: int) -> float:
-    """Forward + backward FLOPs of one transformer layer per token."""
-    return model_scale_of(config, seq) / config.num_layers
+    """Forward + backward FLOPs of one transformer layer per token (megatron_ds/flops.py, x3)."""
+    return 3.0 * layer_forward_flops_per_token(config, seq)
 
 
 def head_flops_per_token(config: ModelConfig) -> float:
     """Forward + backward FLOPs of the LM head per token (6 h V; the cross-entropy is negligible)."""
-    return 6.0 * config.hidden_size * config.padded_vocab_size()
+    return 3.0 * head_forward_flops_per_token(config)
 
 
 def balanced_split(num_layers: int, pp: int, head_layers: float) -> list[int]:
