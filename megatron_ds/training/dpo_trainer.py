@@ -1,0 +1,199 @@
+"""The DPO trainer: the pre-training loop with a per-pair loss and a frozen reference model.
+
+Each step, for the global batch of preference pairs:
+  1. (on the fly) the reference model runs a forward-only pass of the layout's pipeline schedule
+     over this rank's micro-batches; its last stage writes ``ref_logps`` [2b] into each micro-batch;
+     or (``precompute_reference``) those numbers were computed once, before training, for every
+     pair, and come with the data, and the reference model is gone;
+  2. the policy's forward/backward runs as in pre-training, with ``DPOLoss`` on the last stage;
+  3. the metrics DPOLoss summed on the last stage are summed over DP and broadcast over the
+     pipeline, so rank 0 logs global numbers.
+
+The reference model is built like the policy (same TP/PP layout, same chunks), loaded from the
+checkpoint the caller gives, set to eval mode and requires_grad False; it is not handed to the
+optimizer, so nothing ever writes to it.
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_ds.config import Config
+from megatron_ds.data.dpo_dataset import DPODataset, collate_pairs
+from megatron_ds.data.sampler import MegatronPretrainingSampler
+from megatron_ds.parallel.topology import ParallelState, group_size
+from megatron_ds.training.dpo_loss import METRICS, DPOLoss, ReferenceLogps
+from megatron_ds.training.logger import RunLogger
+from megatron_ds.training.schedules import forward_backward
+from megatron_ds.training.trainer import Trainer, _to_device
+
+_PAIRS = len(METRICS)  # index of the pair count in the metric sums
+
+
+def freeze(model_chunks: Sequence[torch.nn.Module]) -> None:
+    """Eval mode and no gradients, for a model that only ever runs forward."""
+    for chunk in model_chunks:
+        chunk.eval()
+        for p in chunk.parameters():
+            p.requires_grad_(False)
+
+
+class DPOTrainer(Trainer):
+    """Trains the policy ``model`` on DPODataset pairs against ``reference`` (this rank's chunks of the
+    frozen reference model, or None once ``precompute_reference`` has run)."""
+
+    def __init__(self, cfg: Config, state: ParallelState, model, train_ds: DPODataset, valid_ds=None,
+                 logger: Optional[RunLogger] = None, reference=None):
+        d = cfg.dpo
+        super().__init__(cfg, state, model, train_ds, valid_ds, logger,
+                         loss_func=DPOLoss(d.dpo_beta, d.dpo_loss_type, d.dpo_label_smoothing))
+        self.reference_chunks = None
+        if reference is not None:
+            self.reference_chunks = list(reference) if isinstance(reference, (list, tuple)) else [reference]
+            freeze(self.reference_chunks)
+        self.last_metrics: dict[str, float] = {}
+        """The global metrics of the last step (or evaluation): METRICS, each a mean over pairs."""
+        self._window = torch.zeros(len(METRICS) + 1, dtype=torch.float64)
+        self.valid_metrics: list[tuple[int, dict[str, float]]] = []
+
+    # -- data -------------------------------------------------------------------------------
+
+    def _batches(self, dataset, consumed: int, count: int):
+        """Like Trainer._batches, a sample being one pair: micro-batches of 2 x --micro-batch-size rows."""
+        t, s = self.cfg.training, self.state
+        sampler = MegatronPretrainingSampler(
+            total_samples=len(dataset), consumed_samples=consumed, micro_batch_size=t.micro_batch_size,
+            data_parallel_rank=s.dp_rank, data_parallel_size=s.dp_size)
+        it = iter(sampler)
+        for _ in range(count):
+            yield [_to_device(collate_pairs([dataset[i] for i in next(it)]), s.device)
+                   for _ in range(self.num_microbatches)]
+
+    # -- the reference model ----------------------------------------------------------------
+
+    @torch.no_grad()
+    def reference_logps(self, micro_batches: list[dict]) -> None:
+        """Forward-only pipeline pass of the reference model: ``ref_logps`` [2b] into each micro-batch
+        (on the last stage, the only one that reads them)."""
+        if self.reference_chunks is None:
+            if "ref_logps" not in micro_batches[0]:
+                raise RuntimeError("the reference model was freed, but the batch has no precomputed ref_logps")
+            return
+        forward_backward(self.reference_chunks, micro_batches, 1.0, self.state, forward_only=True,
+                         loss_func=ReferenceLogps())
+
+    @torch.no_grad()
+    def precompute_reference(self, datasets: Sequence[Optional[DPODataset]]) -> None:
+        """One forward-only pass of the reference model over every pair of ``datasets``: each pair's
+        (chosen, rejected) reference log-probs are kept with the pairs (``pairs.ref_logps`` [n, 2]),
+        then the reference model is freed.
+
+        DP rank r takes its slice of each block of micro_batch_size x DP pairs (the sampler's order),
+        padded at the end by repeating pair 0 (whose result is dropped); the last stage fills its
+        pairs' rows of an [n, 2] table that a SUM over DP completes (each row has one writer)."""
+        if self.reference_chunks is None:
+            return
+        t, s = self.cfg.training, self.state
+        mbs = t.micro_batch_size
+        for ds in datasets:
+            if ds is None or ds.pairs.ref_logps is not None:
+                continue
+            pairs = ds.pairs
+            n = len(pairs)
+            table = torch.zeros(n, 2, dtype=torch.float32, device=s.device)
+            block = mbs * s.dp_size
+            ids = list(range(0, n))
+            ids += [-1] * (-n % (block * self.num_microbatches))  # padding slots: whole steps of whole blocks
+            mine = [ids[k + s.dp_rank * mbs: k + (s.dp_rank + 1) * mbs] for k in range(0, len(ids), block)]
+            for start in range(0, len(mine), self.num_microbatches):
+                group = mine[start:start + self.num_microbatches]
+                micro_batches = [_to_device(collate_pairs([pairs.item(max(i, 0)) for i in g]), s.device) for g in group]
+                self.reference_logps(micro_batches)
+                if "ref_logps" not in micro_batches[0]:
+                    continue  # not the last stage
+                for g, mb in zip(group, micro_batches):
+                    idx = torch.tensor(g, device=s.device)
+                    keep = idx >= 0
+                    chosen, rejected = mb["ref_logps"].view(2, -1)
+                    table[idx[keep], 0], table[idx[keep], 1] = chosen[keep], rejected[keep]
+            self._reduce(table)
+            pairs.ref_logps = table.cpu().numpy()
+        self.reference_chunks = None
+        gc.collect()
+        if torch.device(s.device).type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- steps ------------------------------------------------------------------------------
+
+    def _forward_backward(self, micro_batches: list[dict]) -> torch.Tensor:
+        self.reference_logps(micro_batches)
+        self.loss_func.reset()
+        return super()._forward_backward(micro_batches)
+
+    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """In place: SUM over DP, then the last stage's value to every stage (what _reduce_loss does)."""
+        if group_size(self.state.dp_group) > 1:
+            dist.all_reduce(x, group=self.state.dp_group)
+        if group_size(self.state.pp_group) > 1:
+            dist.broadcast(x, src=self.state.pp_ranks[-1], group=self.state.pp_group)
+        return x
+
+    def _global_metrics(self) -> torch.Tensor:
+        """This step's metric sums (METRICS + pair count) over the global batch, on every rank."""
+        sums = self.loss_func.sums
+        x = (torch.zeros(len(METRICS) + 1, dtype=torch.float64, device=self.state.device) if sums is None
+             else sums.to(self.state.device))
+        return self._reduce(x).cpu()
+
+    @staticmethod
+    def _means(sums: torch.Tensor) -> dict[str, float]:
+        n = max(sums[_PAIRS].item(), 1.0)
+        return {name: sums[i].item() / n for i, name in enumerate(METRICS)}
+
+    def train_step(self, micro_batches: list[dict], iteration: int) -> tuple[float, float, float]:
+        loss, grad_norm, lr = super().train_step(micro_batches, iteration)
+        sums = self._global_metrics()
+        self._window += sums
+        self.last_metrics = self._means(sums)
+        return loss, grad_norm, lr
+
+    def log_scalars(self, scalars: dict[str, float]) -> dict[str, float]:
+        """The loss under its own name, then the window's mean DPO metrics, then lr, grad norm, throughput.
+        tokens/s counts both sequences of a pair (padding included), the policy's tokens only."""
+        scalars = dict(scalars)
+        means, self._window = self._means(self._window), torch.zeros_like(self._window)
+        out = {f"{self.loss_func.loss_type if self.loss_func.loss_type == 'ipo' else 'dpo'} loss":
+               scalars.pop("lm loss", means["loss"])}
+        out.update({k: v for k, v in means.items() if k != "loss"})
+        if "tokens/s" in scalars:
+            scalars["tokens/s"] *= 2
+        out.update(scalars)
+        return out
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean DPO loss over the first --eval-iters global batches of the validation pairs; the
+        validation preference accuracy and reward margin are logged beside it."""
+        self._set_train(False)
+        t = self.cfg.training
+        total = torch.zeros(len(METRICS) + 1, dtype=torch.float64)
+        for micro_batches in self._batches(self.valid_ds, 0, min(t.eval_iters, len(self.valid_ds) // t.global_batch_size)):
+            self.reference_logps(micro_batches)
+            self.loss_func.reset()
+            pairs = self._global_tokens(micro_batches)
+            forward_backward(self.model_chunks, micro_batches, pairs, self.state, forward_only=True,
+                             loss_func=self.loss_func)
+            total += self._global_metrics()
+        self.loss_func.reset()
+        self._set_train(True)
+        means = self._means(total)
+        self.valid_metrics.append((self.result.iteration, means))
+        self.logger.info(f"validation at iter {self.result.iteration} | preference accuracy "
+                         f"{means['preference accuracy']:.4f} | reward margin {means['reward margin']:.4f}")
+        for k in ("preference accuracy", "reward margin"):
+            self.logger.scalar(f"validation {k}", means[k], self.result.iteration)
+        return means["loss"]
