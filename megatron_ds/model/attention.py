@@ -30,6 +30,7 @@ from torch import nn
 
 from megatron_ds.config import ModelConfig
 from megatron_ds.kernels import Kernels, select_kernels
+from megatron_ds.model.kv_cache import KVCache
 from megatron_ds.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron_ds.parallel.mappings import (
     copy_to_tensor_model_parallel_region,
@@ -118,6 +119,7 @@ class Attention(nn.Module):
             raise ValueError(f"--tensor-model-parallel-size {tp} does not divide {nq} attention heads")
         if nq % nkv != 0:
             raise ValueError(f"--num-query-groups {nkv} does not divide --num-attention-heads {nq}")
+        self.layer_number = layer_number
         self.head_dim = d
         self.num_local_heads = nq // tp
         self.replicated_kv = kv_heads_replicated(config, tp)
@@ -146,9 +148,11 @@ class Attention(nn.Module):
                 f"head_dim={self.head_dim}, replicated_kv={self.replicated_kv}")
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                attention_mask: Optional[torch.Tensor] = None, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
         """attention_mask: None for plain causal attention, or bool [b, 1, s, s] with True where
-        query i may attend key j (it must include causality; see deepseek.document_causal_mask)."""
+        query i may attend key j (it must include causality; see deepseek.document_causal_mask).
+        kv_cache (inference only): x holds the s tokens after the cache's seq_len cached ones; their
+        K/V are appended and the queries attend over all seq_len + s positions."""
         d, nq, nkv = self.head_dim, self.num_local_heads, self.num_local_kv_heads
         if self.replicated_kv:
             # Under SP both q and kv all-gather x: twice the gather of the fused case, but only in
@@ -164,9 +168,13 @@ class Attention(nn.Module):
         q, k, v = q.view(s, b, nq, d), k.view(s, b, nkv, d), v.view(s, b, nkv, d)
         # SDPA wants [b, n, s, d]; query head i uses KV head i // (nq / nkv), as HF's repeat_kv.
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
-        if attention_mask is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=nq != nkv)  # [b, nq, s, d]
-        else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, enable_gqa=nq != nkv)
+        is_causal = attention_mask is None
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_number, k, v)  # [b, nkv, L + s, d]
+            if is_causal and k.shape[2] > s:
+                # Queries at positions L..L+s-1 over keys 0..L+s-1: SDPA's is_causal would align them top-left.
+                attention_mask, is_causal = kv_cache.causal_mask(s), False
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=is_causal,
+                                           enable_gqa=nq != nkv)  # [b, nq, s, d]
         o = o.permute(2, 0, 1, 3).reshape(s, b, nq * d)
         return self.out(o)  # [s, b, h] (SP: [s/tp, b, h])

@@ -35,6 +35,7 @@ from torch import nn
 
 from megatron_ds.config import ModelConfig
 from megatron_ds.kernels import Kernels, rotary_cos_sin, select_kernels
+from megatron_ds.model.kv_cache import KVCache
 from megatron_ds.model.rmsnorm import RMSNorm
 from megatron_ds.model.transformer_layer import TransformerLayer
 from megatron_ds.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
@@ -81,13 +82,16 @@ class DeepSeekModel(nn.Module):
 
     def forward(self, input_ids: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, hidden_states: Optional[torch.Tensor] = None,
-                document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                document_ids: Optional[torch.Tensor] = None, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
         """Run this rank's stage.
 
         input_ids [b, s] (first stage) or hidden_states [s, b, h] (other stages; [s/tp, b, h] under SP);
         position_ids [b, s] default 0..s-1 for every sequence.
         document_ids [b, s] int (--reset-attention-mask; the batch key "document_ids"): when given,
         token i attends token j only if j <= i and both have the same id; default plain causal.
+        kv_cache (generation; see model/kv_cache.py): this chunk's cache; the input holds the tokens
+        after its ``seq_len`` cached ones, position_ids default seq_len.., and the cache advances by s.
+        It needs sequence parallelism off (SP changes no weight: build the inference model without it).
         Returns, last stage: per-token loss [b, s] fp32 if labels [b, s] are given, else this rank's
         vocab-parallel logits [b, s, V_padded/tp] (a transposed view of [s, b, ...]; columns at
         global index >= config.vocab_size are padding). Other stages: hidden [s, b, h] ([s/tp, b, h] under SP).
@@ -102,14 +106,24 @@ class DeepSeekModel(nn.Module):
             hidden = hidden_states
 
         seq_len = hidden.shape[0] * (self.tp_size if self.sequence_parallel else 1)
+        start = 0
+        if kv_cache is not None:
+            if self.sequence_parallel or document_ids is not None:
+                raise ValueError("the KV cache runs without sequence parallelism and document masks")
+            start = kv_cache.seq_len
         if position_ids is None:
-            position_ids = torch.arange(seq_len, device=hidden.device).expand(hidden.shape[1], seq_len)
+            position_ids = torch.arange(start, start + seq_len, device=hidden.device).expand(hidden.shape[1], seq_len)
         # Every layer rotates the full sequence (attention gathers it under SP): tables [s, b, 1, d].
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rotary_base, dtype=hidden.dtype)
 
         attention_mask = None if document_ids is None else document_causal_mask(document_ids)
-        for layer in self.layers.values():
-            hidden = layer(hidden, cos, sin, attention_mask)
+        if kv_cache is None:
+            for layer in self.layers.values():
+                hidden = layer(hidden, cos, sin, attention_mask)
+        else:
+            for layer in self.layers.values():
+                hidden = layer(hidden, cos, sin, kv_cache=kv_cache)
+            kv_cache.advance(seq_len)
         if not self.post_process:
             return hidden
 

@@ -10,6 +10,7 @@ from torch import nn
 from megatron_ds.config import ModelConfig
 from megatron_ds.kernels import Kernels, select_kernels
 from megatron_ds.model.attention import Attention
+from megatron_ds.model.kv_cache import KVCache
 from megatron_ds.model.mlp import MLP
 from megatron_ds.model.rmsnorm import RMSNorm
 
@@ -31,8 +32,8 @@ class TransformerLayer(nn.Module):
         self.mlp = MLP(config, layer_number, **block)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        attn_out = self.attention(self.input_norm(x), cos, sin, attention_mask)
+                attention_mask: Optional[torch.Tensor] = None, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+        attn_out = self.attention(self.input_norm(x), cos, sin, attention_mask, kv_cache)
         # x <- x + attn_out and its norm, in one pass with the fused kernels.
         normed, x = self.post_attention_norm.add_forward(attn_out, x)
         return x + self.mlp(normed)
