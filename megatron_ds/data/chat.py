@@ -95,7 +95,8 @@ def validate_messages(messages) -> None:
                 raise ConversationError(f"message {i} is a system message; only the first message may be one")
             continue
         if role != expected:
-            raise ConversationError(f"message {i} is a {role} turn where a {expected} turn was expected "
+            article = "an" if expected == "assistant" else "a"
+            raise ConversationError(f"message {i} ({role}) is out of order: expected {article} {expected} turn "
                                     f"(turns alternate user, assistant, starting with user)")
         expected = "assistant" if role == "user" else "user"
     if not any(m["role"] == "assistant" for m in messages):
