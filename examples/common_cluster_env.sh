@@ -125,12 +125,17 @@ cluster_launch() {
     local torchrun_args=(torchrun --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE"
                          --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT")
     local cmd
-    cmd="$(printf '%q ' "${torchrun_args[@]}")--node-rank $NODE_RANK -m megatron_ds.pretrain $(printf '%q ' "${TRAIN_ARGS[@]}")"
+    # ENTRY_MODULE: the entry point the ranks run (the fine-tuning scripts set megatron_ds.sft / megatron_ds.dpo).
+    cmd="$(printf '%q ' "${torchrun_args[@]}")--node-rank $NODE_RANK -m ${ENTRY_MODULE:-megatron_ds.pretrain} $(printf '%q ' "${TRAIN_ARGS[@]}")"
     cmd=${cmd% }
     echo "plan: $MODEL, launcher $LAUNCHER, $NNODES node(s) x $GPUS_PER_NODE GPUs = world size $WORLD_SIZE"
     echo "layout: TP $TP x PP $PP x DP $DP${SP_ARGS[*]:+, sequence parallel}, ZeRO-1 over DP${SPLIT_ARGS[*]:+ (${SPLIT_ARGS[*]})}"
     echo "batch: $GLOBAL_BATCH x $SEQ_LENGTH = $TOKENS_PER_STEP tokens/step; micro-batch $MICRO_BATCH -> $NUM_MICROBATCHES micro-batches per DP rank"
-    echo "schedule: $TRAIN_ITERS steps = $((TRAIN_ITERS * TOKENS_PER_STEP)) tokens (target $TRAIN_TOKENS); lr $LR, 2000 warmup, multistep x0.316 @80% x0.1 @90%"
+    if [[ -n "${SCHEDULE_DESC:-}" ]]; then  # set by scripts whose schedule is not the pre-training one
+        echo "schedule: $SCHEDULE_DESC"
+    else
+        echo "schedule: $TRAIN_ITERS steps = $((TRAIN_ITERS * TOKENS_PER_STEP)) tokens (target $TRAIN_TOKENS); lr $LR, 2000 warmup, multistep x0.316 @80% x0.1 @90%"
+    fi
     if [[ "$LAUNCHER" == slurm ]]; then
         echo "launch: srun --nodes $NNODES --ntasks-per-node 1 bash -c '<command>' (NODE_RANK = \$SLURM_NODEID per task)"
     fi
