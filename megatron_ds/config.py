@@ -184,6 +184,9 @@ class TrainingConfig:
     auto_hparams: bool = False
     """Set --lr and --global-batch-size from the paper's Eq. 1 for C = M x (train-iters x batch tokens)
     (see tools/scaling_laws.py)."""
+    peak_tflops: Optional[float] = None
+    """Dense peak TFLOP/s of one device in the training dtype, the denominator of the logged MFU; None
+    looks it up from the GPU's name (A100, H100, H200: megatron_ds/flops.py) and logs no MFU on CPU."""
 
 
 @dataclass

@@ -150,6 +150,8 @@ def run(cfg: Config, state: ParallelState, tokenizer=None, log: bool | None = No
                 f"x DP {state.dp_size}{' | sequence parallel' if cfg.parallel.sequence_parallel else ''} | "
                 f"global batch {t.global_batch_size} x {t.seq_length} tokens")
     trainer = make_trainer(cfg, state, model, train_ds, valid_ds, logger)
+    if tokenizer is not None:
+        trainer.set_tokenizer(tokenizer)  # validation also in bits-per-byte
     trainer.rng_tracker = rng_tracker
     # Checkpoints (megatron_ds/checkpoint/run_checkpoints.py): --load at any layout, periodic
     # asynchronous saves from the step callback, and on SIGTERM/SIGINT a final save and a clean exit.

@@ -70,6 +70,33 @@ class Tokenizer:
     def decode(self, ids) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
+    def token_byte_lengths(self):
+        """int64 array [vocab_size]: the UTF-8 bytes of text each token stands for; 0 for special
+        tokens (EOD, BOS, ...), which stand for no text. The denominator of bits-per-byte.
+
+        Byte-level BPE (DeepSeek's, and tools/train_tokenizer.py's) writes each byte of a token as
+        one character of its string, so a token's length is its byte count, exact even for tokens
+        that hold part of a multi-byte character. Other tokenizers: the UTF-8 length of the token
+        decoded alone.
+        """
+        import json
+
+        import numpy as np
+
+        spec = json.loads(self._content)
+        decoder = spec.get("decoder") or {}
+        kinds = {d.get("type") for d in decoder.get("decoders", [])} | {decoder.get("type")}
+        added = {t["id"]: t for t in spec.get("added_tokens", [])}
+        out = np.zeros(self.vocab_size, dtype=np.int64)
+        for i in range(self.vocab_size):
+            if i in added:
+                out[i] = 0 if added[i].get("special") else len(added[i]["content"].encode("utf-8"))
+            elif "ByteLevel" in kinds:
+                out[i] = len(self._tok.id_to_token(i) or "")
+            else:
+                out[i] = len(self._tok.decode([i], skip_special_tokens=True).encode("utf-8"))
+        return out
+
     def identity(self) -> str:
         """First 16 hex digits of the sha256 of the tokenizer.json bytes."""
         return hashlib.sha256(self._content).hexdigest()[:16]

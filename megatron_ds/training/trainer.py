@@ -30,13 +30,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from megatron_ds import memory
+from megatron_ds import flops, memory
 from megatron_ds.config import Config
-from megatron_ds.data.sampler import MegatronPretrainingSampler, collate
 from megatron_ds.optim.distributed_optimizer import build_optimizer
 from megatron_ds.optim.lr_schedule import LRSchedule
 from megatron_ds.parallel.layers import allreduce_tp_replicated_grads
-from megatron_ds.parallel.topology import ParallelState, group_size
+from megatron_ds.parallel.topology import ParallelState
+from megatron_ds.training.evaluation import EvalResult, evaluate, global_batches, global_count, reduce_loss
+from megatron_ds.training.evaluation import to_device as _to_device  # noqa: F401 (dpo_trainer's batches)
 from megatron_ds.training.logger import RunLogger
 from megatron_ds.training.schedules import TOKEN_MEAN, LossFunc, forward_backward
 
@@ -73,10 +74,6 @@ def _format_bytes(n: int) -> str:
     return f"{n / memory.GiB:.2f} GiB" if n >= memory.GiB else f"{n / 2**20:.1f} MiB"
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
 class Trainer:
     """Trains ``model``: this rank's module, or its list of model chunks (interleaved pipeline)."""
 
@@ -96,36 +93,29 @@ class Trainer:
         self.schedule = LRSchedule.from_config(t)
         self.memory_estimate = memory.estimate_for_config(cfg, state.dp_size, state.pp_rank)
         self.num_microbatches = t.global_batch_size // (t.micro_batch_size * state.dp_size)
+        # Throughput: model FLOPs per trained token (attention included, recompute not) against the
+        # device's peak; TFLOP/s are per device, so the run's rate is divided by the world size.
+        self.flops_per_token = flops.training_flops_per_token(cfg.model, t.seq_length)
+        self.peak_tflops = t.peak_tflops or flops.device_peak_tflops(
+            state.device, torch.bfloat16 if t.bf16 else torch.float32)
+        self.num_devices = dist.get_world_size() if dist.is_initialized() else 1
         self.result = TrainResult()
         self.rng_tracker = None  # per-TP-rank RNG streams (parallel/random.py), set by the caller
+        self.token_bytes: torch.Tensor | None = None  # [vocab] bytes per token id (set_tokenizer): bits-per-byte
+        self.last_eval: EvalResult | None = None
 
     # -- data -------------------------------------------------------------------------------
 
     def _batches(self, dataset, consumed: int, count: int):
         """Yield lists of ``num_microbatches`` collated micro-batches, ``count`` global batches."""
-        t, s = self.cfg.training, self.state
-        sampler = MegatronPretrainingSampler(
-            total_samples=len(dataset), consumed_samples=consumed, micro_batch_size=t.micro_batch_size,
-            data_parallel_rank=s.dp_rank, data_parallel_size=s.dp_size)
-        it = iter(sampler)
-        for _ in range(count):
-            yield [_to_device(collate([dataset[i] for i in next(it)]), s.device) for _ in range(self.num_microbatches)]
+        return global_batches(dataset, self.state, self.cfg.training.micro_batch_size, self.num_microbatches,
+                              count, consumed)
 
     def _global_tokens(self, micro_batches: list[dict]) -> float:
-        n = torch.stack([self.loss_func.count(mb) for mb in micro_batches]).sum().float()
-        if group_size(self.state.dp_group) > 1:
-            dist.all_reduce(n, group=self.state.dp_group)
-        return max(n.item(), 1.0)
+        return global_count(micro_batches, self.state, self.loss_func)
 
     def _reduce_loss(self, x: torch.Tensor) -> float:
-        """This rank's loss shares -> the global-batch loss on every rank: SUM over DP (on the last
-        stage, the only one with shares), then broadcast from the last stage over the pipeline."""
-        x = x.to(self.state.device)
-        if group_size(self.state.dp_group) > 1:
-            dist.all_reduce(x, group=self.state.dp_group)
-        if group_size(self.state.pp_group) > 1:
-            dist.broadcast(x, src=self.state.pp_ranks[-1], group=self.state.pp_group)
-        return x.item()
+        return reduce_loss(x, self.state)
 
     def _set_train(self, mode: bool) -> None:
         for c in self.model_chunks:
@@ -177,22 +167,22 @@ class Trainer:
         preference accuracy) and may rename the loss."""
         return scalars
 
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean loss over the first --eval-iters global batches of the validation split.
+    def set_tokenizer(self, tokenizer) -> None:
+        """Evaluations then also report bits-per-byte: the bytes of text each token stands for."""
+        self.token_bytes = torch.from_numpy(tokenizer.token_byte_lengths()).to(self.state.device)
 
-        The same batches every time, so successive evaluations are comparable.
-        """
-        self._set_train(False)
+    def evaluate_dataset(self, dataset, num_batches: int) -> EvalResult:
+        """Loss (and bits-per-byte when a tokenizer was set) over the first ``num_batches`` global batches."""
+        return evaluate(self.model_chunks, self.state, self._batches(dataset, 0, num_batches),
+                        token_bytes=self.token_bytes, loss_func=self.loss_func)
+
+    def evaluate(self) -> float:
+        """Validation loss over the first --eval-iters global batches of the validation split (the same
+        batches every time, so successive evaluations are comparable); logs it with bits-per-byte."""
         t = self.cfg.training
-        total, count = 0.0, 0
-        for micro_batches in self._batches(self.valid_ds, 0, min(t.eval_iters, len(self.valid_ds) // t.global_batch_size)):
-            tokens = self._global_tokens(micro_batches)
-            total += self._reduce_loss(forward_backward(self.model_chunks, micro_batches, tokens, self.state,
-                                                        forward_only=True, loss_func=self.loss_func))
-            count += 1
-        self._set_train(True)
-        return total / max(count, 1)
+        res = self.evaluate_dataset(self.valid_ds, min(t.eval_iters, len(self.valid_ds) // t.global_batch_size))
+        self.last_eval = res
+        return res.loss
 
     def train(self, start_iteration: int = 0, consumed_samples: int = 0, on_step=None) -> TrainResult:
         t = self.cfg.training
@@ -208,6 +198,7 @@ class Trainer:
             res.consumed_train_samples += t.global_batch_size
             res.losses.append(loss)
             res.grad_norms.append(grad_norm)
+            self.logger.progress(res.iteration, loss)
             if res.iteration - start_iteration == min(MEMORY_REPORT_STEP, steps):
                 self.log_memory(res.iteration - start_iteration)
             window_loss += loss
@@ -216,15 +207,21 @@ class Trainer:
                 dt = time.time() - window_start
                 self.logger.step(res.iteration, self.log_scalars({
                     "lm loss": window_loss / window_steps, "lr": lr, "grad norm": grad_norm,
-                    "tokens/s": tokens_per_step * window_steps / max(dt, 1e-9),
+                    **flops.throughput(self.flops_per_token, tokens_per_step * window_steps, max(dt, 1e-9),
+                                       self.num_devices, self.peak_tflops),
+                    "peak memory GiB": peak_memory_bytes(self.state.device) / memory.GiB,
                 }))
                 window_loss, window_steps, window_start = 0.0, 0, time.time()
             if self.valid_ds is not None and t.eval_interval > 0 and (
                     res.iteration % t.eval_interval == 0 or res.iteration == t.train_iters):
                 val = self.evaluate()
                 res.eval_losses.append((res.iteration, val))
-                self.logger.info(f"validation at iter {res.iteration} | lm loss {val:.4f}")
+                bpb = self.last_eval.bits_per_byte
+                self.logger.info(f"validation at iter {res.iteration} | lm loss {val:.4f} | ppl {self.last_eval.perplexity:.2f}"
+                                 + (f" | bits per byte {bpb:.4f}" if bpb is not None else ""))
                 self.logger.scalar("validation lm loss", val, res.iteration)
+                if bpb is not None:
+                    self.logger.scalar("validation bits per byte", bpb, res.iteration)
                 window_start = time.time()  # evaluation time is not training throughput
             if on_step is not None:
                 on_step(res)

@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 
+import numpy as np
 import pytest
 
 from megatron_ds import scaling
@@ -133,7 +134,10 @@ def test_bf16_tracks_fp32_over_100_steps_and_generates():
     fp32 = _losses([], 100)
     calls = []
 
-    class Tok:  # stands in for a tokenizer: generation only needs encode/decode
+    class Tok:  # stands in for a tokenizer: generation needs encode/decode, evaluation the bytes per token
+        def token_byte_lengths(self):
+            return np.ones(cfg.model.vocab_size, dtype=np.int64)
+
         def encode(self, text):
             return [5, 17, 300, 42, 7]
 

@@ -1,0 +1,110 @@
+"""Evaluation: the loss of a model over fixed batches of a dataset, in nats per token and in bits per byte.
+
+Shared by the trainer (validation at --eval-interval) and tools/evaluate.py (a checkpoint on one or
+more datasets). Collective over the world: every rank runs its pipeline stage's forward over its DP
+share of each global batch, and every rank returns the same numbers.
+
+bits-per-byte = (sum of -ln p over the predicted tokens) / ln 2 / (UTF-8 bytes those tokens stand for).
+It does not depend on the tokenizer, so models with different vocabularies compare (the paper's
+metric for its scaling-law fits). The bytes come from ``Tokenizer.token_byte_lengths``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_ds.data.sampler import MegatronPretrainingSampler, collate
+from megatron_ds.parallel.topology import ParallelState, group_size
+from megatron_ds.training.schedules import TOKEN_MEAN, LossFunc, forward_backward
+
+
+@dataclass
+class EvalResult:
+    """One evaluation over a fixed set of batches."""
+
+    loss: float
+    """Mean loss per predicted token (nats), over all the global batches."""
+    tokens: int
+    """Predicted (loss-masked) tokens."""
+    num_bytes: Optional[int] = None
+    """UTF-8 bytes of text those tokens stand for; None without a tokenizer."""
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(min(self.loss, 50.0))
+
+    @property
+    def bits_per_byte(self) -> Optional[float]:
+        if not self.num_bytes:
+            return None
+        return self.loss * self.tokens / math.log(2) / self.num_bytes
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def global_batches(dataset, state: ParallelState, micro_batch_size: int, num_microbatches: int, count: int,
+                   consumed: int = 0) -> Iterator[list[dict]]:
+    """``count`` global batches from sample ``consumed`` on: each a list of this DP rank's
+    ``num_microbatches`` collated micro-batches (Megatron's sampler order), on the rank's device."""
+    sampler = MegatronPretrainingSampler(total_samples=len(dataset), consumed_samples=consumed,
+                                         micro_batch_size=micro_batch_size, data_parallel_rank=state.dp_rank,
+                                         data_parallel_size=state.dp_size)
+    it = iter(sampler)
+    for _ in range(count):
+        yield [to_device(collate([dataset[i] for i in next(it)]), state.device) for _ in range(num_microbatches)]
+
+
+def global_count(micro_batches: list[dict], state: ParallelState, loss_func: LossFunc = TOKEN_MEAN) -> float:
+    """The loss denominator of one global batch (tokens, or pairs for DPO), summed over DP."""
+    n = torch.stack([loss_func.count(mb) for mb in micro_batches]).sum().float()
+    if group_size(state.dp_group) > 1:
+        dist.all_reduce(n, group=state.dp_group)
+    return max(n.item(), 1.0)
+
+
+def reduce_loss(x: torch.Tensor, state: ParallelState) -> float:
+    """This rank's loss shares -> the global-batch loss on every rank: SUM over DP (on the last
+    stage, the only one with shares), then broadcast from the last stage over the pipeline."""
+    x = x.to(state.device)
+    if group_size(state.dp_group) > 1:
+        dist.all_reduce(x, group=state.dp_group)
+    if group_size(state.pp_group) > 1:
+        dist.broadcast(x, src=state.pp_ranks[-1], group=state.pp_group)
+    return x.item()
+
+
+@torch.no_grad()
+def evaluate(model_chunks: Sequence[torch.nn.Module], state: ParallelState, batches, *,
+             token_bytes: Optional[torch.Tensor] = None, loss_func: LossFunc = TOKEN_MEAN) -> EvalResult:
+    """Loss over ``batches`` (global batches from ``global_batches``), the exact token mean over all of
+    them, and bits-per-byte when ``token_bytes`` ([vocab] int, bytes per token id) is given."""
+    chunks = list(model_chunks)
+    modes = [c.training for c in chunks]
+    for c in chunks:
+        c.eval()
+    nats, tokens, num_bytes = 0.0, 0.0, 0
+    for micro_batches in batches:
+        count = global_count(micro_batches, state, loss_func)
+        loss = reduce_loss(forward_backward(chunks, micro_batches, count, state, forward_only=True,
+                                            loss_func=loss_func), state)
+        nats += loss * count
+        tokens += count
+        if token_bytes is not None:
+            # Every stage holds the labels: bytes of the predicted (loss-masked) tokens, summed over DP.
+            b = torch.zeros((), dtype=torch.float64, device=state.device)
+            for mb in micro_batches:
+                b += (token_bytes[mb["labels"]] * mb["loss_mask"]).sum()
+            if group_size(state.dp_group) > 1:
+                dist.all_reduce(b, group=state.dp_group)
+            num_bytes += int(b.item())
+    for c, mode in zip(chunks, modes):
+        c.train(mode)
+    return EvalResult(loss=nats / max(tokens, 1.0), tokens=int(tokens),
+                      num_bytes=num_bytes if token_bytes is not None else None)
