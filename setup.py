@@ -113,5 +113,6 @@ setup(
         # FP8/BF16 linear layers on CUDA machines (installs only where CUDA is present).
         "te": ["transformer_engine[pytorch]"],
     },
-    entry_points={"console_scripts": ["megatron-ds-pretrain=megatron_ds.pretrain:cli"]},
+    entry_points={"console_scripts": ["megatron-ds-pretrain=megatron_ds.pretrain:cli",
+                                     "megatron-ds-sft=megatron_ds.sft:cli"]},
 )
