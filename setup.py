@@ -114,5 +114,6 @@ setup(
         "te": ["transformer_engine[pytorch]"],
     },
     entry_points={"console_scripts": ["megatron-ds-pretrain=megatron_ds.pretrain:cli",
-                                     "megatron-ds-sft=megatron_ds.sft:cli"]},
+                                     "megatron-ds-sft=megatron_ds.sft:cli",
+                                     "megatron-ds-dpo=megatron_ds.dpo:cli"]},
 )
