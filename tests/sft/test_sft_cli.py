@@ -61,6 +61,14 @@ def test_epochs_set_the_iterations_and_a_second_stage_loads_the_first(data, chat
     stage1 = losses(out)
     assert stage1[-1] < stage1[0]
 
+    # --resume-sft continues stage 1 from its own checkpoint (iteration, data position) to a third epoch.
+    iters3 = 3 * packed // GBS
+    proc = sft(base + ["--data-path", a, "--epochs", "3", "--load", str(tmp_path / "stage1"), "--resume-sft",
+                       "--save", str(tmp_path / "stage1")])
+    assert proc.returncode == 0, proc.stderr
+    assert f"resumed from {tmp_path / 'stage1'}/iter_{iters:07d}" in proc.stdout and f"at iteration {iters}" in proc.stdout
+    assert f"iter {iters + 1:>6d}/{iters3}" in proc.stdout and os.path.isdir(tmp_path / "stage1" / f"iter_{iters3:07d}")
+
     # Stage 2 on another mix (both prefixes) at TP 2: weights only, iteration 0, its own epoch count.
     packed2 = SFTDataset(ConversationCorpus([b, a]), SEQ, 7).num_packed
     iters2 = packed2 // GBS
@@ -68,7 +76,7 @@ def test_epochs_set_the_iterations_and_a_second_stage_loads_the_first(data, chat
                        "--save", str(tmp_path / "stage2"), "--tensor-model-parallel-size", "2"], nproc=2)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    assert f"finetuning from the weights of {tmp_path / 'stage1'}/iter_{iters:07d}" in out
+    assert f"finetuning from the weights of {tmp_path / 'stage1'}/iter_{iters3:07d}" in out
     assert f"36 conversations -> {packed2} packed samples" in out and f"iter {1:>6d}/{iters2}" in out
     assert os.path.isdir(tmp_path / "stage2" / f"iter_{iters2:07d}")
     # It starts from what stage 1 learned, not from a fresh initialization's loss.
