@@ -132,6 +132,8 @@ def run(args, tok_path: str) -> None:
                        eos_id=None if args.ignore_eos else tokenizer.eod,
                        use_kv_cache=not args.no_kv_cache).tokens[0].tolist()
         total += len(out)
+        if out and not args.ignore_eos and out[-1] == tokenizer.eod:
+            out = out[:-1]  # the EOS ended it; it is not text
         if rank0:
             print(tokenizer.decode(out), flush=True)
     if rank0:
