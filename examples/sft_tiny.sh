@@ -4,7 +4,8 @@
 # chat template, loss on the assistant replies only) -> SFT of a 2-layer model from random initialization
 # at TP 2 x DP 2 (4 processes, gloo), conversations packed into 128-token samples -> a second stage on
 # multi-turn conversations only, loading the first stage's checkpoint. Watch "lm loss" (the mean over
-# assistant tokens) fall and the held-out conversations' loss at each validation.
+# assistant tokens) fall and the held-out conversations' loss at each validation; after each stage the
+# model answers "what is 12 plus 30?" (greedy, in the chat template).
 #
 #   bash examples/sft_tiny.sh                      # generated conversations
 #   bash examples/sft_tiny.sh my_chats.jsonl       # your own {"messages": [...]} or {"prompt", "response"} jsonl
@@ -60,7 +61,8 @@ export OMP_NUM_THREADS=1
 MODEL_ARGS=(--num-layers 2 --hidden-size 64 --ffn-hidden-size 192 --num-attention-heads 4 --num-query-groups 2
             --vocab-size 320 --seq-length 128 --max-position-embeddings 128 --tensor-model-parallel-size 2
             --micro-batch-size 4 --global-batch-size 16 --weight-decay 0.0 --clip-grad 1.0
-            --tokenizer-model "$OUT_DIR/tokenizer.json" --log-interval 10)
+            --tokenizer-model "$OUT_DIR/tokenizer.json" --chat-template "$TEMPLATE" --log-interval 10
+            --generate-prompt "what is 12 plus 30?" --generate-tokens 12)
 
 echo "== stage 1: $EPOCHS epochs over $CHATS"
 python -m torch.distributed.run --standalone --nproc-per-node "$NPROC" -m megatron_ds.sft "${MODEL_ARGS[@]}" \

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from megatron_ds import pretrain
 from megatron_ds.config import Config, ConfigError
+from megatron_ds.data.chat import get_template, prompt_text
 from megatron_ds.data.sft_dataset import ConversationCorpus, SFTDataset
 from megatron_ds.training.trainer import Trainer
 
@@ -41,6 +42,9 @@ class SFTConfig:
     resume_sft: bool = False
     """With --load: continue this SFT run from its own checkpoint (iteration, data position, optimizer, RNG)
     instead of starting from the checkpoint's weights only."""
+    chat_template: str = "deepseek"
+    """The template the data was rendered with (tools/preprocess_sft.py --chat-template: deepseek, chatml);
+    --generate-prompt is laid out in it as a user turn followed by the reply cue."""
 
 
 @dataclass
@@ -77,6 +81,7 @@ def check_inputs(cfg: SFTRunConfig) -> None:
             raise ConfigError("--eval-interval needs --valid-data-path (conversations from tools/preprocess_sft.py); "
                               "SFT does not split --data-path")
         ConversationCorpus(_prefixes(s.valid_data_path, "--valid-data-path"), "--valid-data-path")
+    get_template(s.chat_template)  # a one-line DataError naming --chat-template when unknown
     if t.load and not s.resume_sft:
         t.finetune = True  # weights only: iteration 0, fresh optimizer, RNG and data position
 
@@ -115,6 +120,8 @@ def run(cfg: SFTRunConfig, state, tokenizer=None, log: bool | None = None):
     """One SFT run, callable in-process (tests): pack, fix the iterations, then pretrain.run."""
     train, valid = build_sft_datasets(cfg)
     t = cfg.training
+    if t.generate_prompt:  # the sample after training answers the prompt as a chat turn
+        t.generate_prompt = prompt_text(t.generate_prompt, cfg.sft.chat_template)
 
     def make_trainer(cfg, state, model, train_ds, valid_ds, logger):
         logger.info(f"SFT data: {train.stats.summary()}")

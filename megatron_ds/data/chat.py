@@ -5,6 +5,7 @@ Shared by SFT (megatron_ds/data/sft_dataset.py, tools/preprocess_sft.py) and DPO
     render(messages, tokenizer, template="deepseek") -> (token_ids, loss_mask)
     render_prompt_response(prompt, response, tokenizer, template="deepseek") -> (token_ids, loss_mask)
     render_prompt(prompt, tokenizer, template="deepseek") -> token_ids   # ends with the generation cue
+    prompt_text(prompt, template="deepseek") -> str                       # the same as text, without BOS
     messages_from_record(record) -> messages       # a jsonl record: {"messages": [...]} or {"prompt", "response"}
     validate_messages(messages)                    # raises ConversationError (a DataError) with the reason
 
@@ -182,6 +183,18 @@ def render_prompt(prompt, tokenizer, template: str | ChatTemplate = "deepseek") 
     validate_messages(messages + [{"role": "assistant", "content": "x"}])
     ids, _ = _render(messages, tokenizer, get_template(template), generation_cue=True)
     return ids
+
+
+def prompt_text(prompt, template: str | ChatTemplate = "deepseek") -> str:
+    """The text ``render_prompt`` tokenizes, without BOS, for a prompt with no assistant turns (a string,
+    or a system and a user message): e.g. DeepSeek's "User: {prompt}\\n\\nAssistant:". Used to wrap
+    --generate-prompt after SFT; earlier replies would need the tokenizer's <eos> id, so they are refused."""
+    messages = _prompt_messages(prompt)
+    validate_messages(messages + [{"role": "assistant", "content": "x"}])
+    if any(m["role"] == "assistant" for m in messages):
+        raise ConversationError("a prompt with assistant turns has no plain-text form; use render_prompt")
+    t = get_template(template)
+    return "".join(text for text, _ in _segments(messages, t)) + t.assistant_prefix
 
 
 def messages_from_record(record) -> list[dict]:

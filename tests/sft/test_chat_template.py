@@ -120,3 +120,15 @@ def test_invalid_conversation_is_a_one_line_reason(messages, reason):
 def test_unknown_template_names_the_flag_and_the_choices():
     with pytest.raises(chat.DataError, match="--chat-template 'llama9' is not known; choose one of deepseek, chatml"):
         render(CONVERSATION, CharTokenizer(), "llama9")
+
+
+@pytest.mark.parametrize("template", ["deepseek", "chatml"])
+def test_prompt_text_is_what_render_prompt_tokenizes(template):
+    # --generate-prompt after SFT is wrapped with it: the text form of the generation prompt, less BOS.
+    tok = CharTokenizer()
+    prompt = CONVERSATION[:2]
+    ids = render_prompt(prompt, tok, template)
+    assert [ord(c) for c in chat.prompt_text(prompt, template)] == [i for i in ids if i != BOS]
+    assert chat.prompt_text("hi") == "User: hi\n\nAssistant:"
+    with pytest.raises(ConversationError, match="no plain-text form"):
+        chat.prompt_text(CONVERSATION[:4], template)
