@@ -5,7 +5,7 @@
         --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --prompt "Hello" --temperature 0.8 --top-p 0.9
 
 The checkpoint may come from any layout; the architecture is read from its metadata (``--model``
-and the architecture flags serve only a checkpoint that records none). ``--temperature 0`` (the
+and the architecture flags of pretrain, e.g. ``--num-layers``, serve only a checkpoint that records none). ``--temperature 0`` (the
 default) is greedy. Each prompt is generated on its own (prompts of different lengths need no
 padding); rank 0 prints each continuation, then a throughput line on stderr. Bad input is one
 line ``error: ...`` on stderr and exit code 2.
@@ -17,6 +17,8 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass, field
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -24,7 +26,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from megatron_ds.checkpoint.format import CheckpointError  # noqa: E402
-from megatron_ds.config import ConfigError, model_preset  # noqa: E402
+from megatron_ds.config import ConfigError, ModelConfig, config_from_args  # noqa: E402
 from megatron_ds.data.errors import DataError  # noqa: E402
 from megatron_ds.inference import SamplingParams  # noqa: E402
 from megatron_ds.parallel.topology import TopologyError  # noqa: E402
@@ -51,8 +53,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     p.add_argument("--bf16", action="store_true", help="run in bf16 (default: the dtype the checkpoint stores)")
     p.add_argument("--no-fused-kernels", action="store_true", help="use the pure-PyTorch reference kernels")
-    p.add_argument("--model", default=None, help="architecture preset, only for a checkpoint that records no config")
+    p.epilog = ("For a checkpoint that records no model config: --model PRESET and pretrain's architecture "
+                "flags (--num-layers, --hidden-size, --num-attention-heads, ...).")
     return p
+
+
+@dataclass
+class ArchitectureFlags:
+    """The model section of pretrain's flags alone (--model, --num-layers, ...)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    preset: str = "tiny"
+
+
+def flag_model_config(argv: list[str]) -> Optional[ModelConfig]:
+    """The architecture given by flags (preset, then single flags), or None when none were given."""
+    if not argv:
+        return None
+    return config_from_args(argv, ArchitectureFlags, "tools/generate.py").model
 
 
 def read_prompts(args) -> list[str]:
@@ -87,11 +105,10 @@ def check_inputs(args) -> str:
     from megatron_ds.checkpoint.load import CheckpointReader
     from megatron_ds.inference.loading import check_layout, checkpoint_model_config
 
-    config = checkpoint_model_config(CheckpointReader(args.load, verify=False))
+    config = checkpoint_model_config(CheckpointReader(args.load, verify=False)) or flag_model_config(args.arch_flags)
     if config is None:
-        if args.model is None:
-            raise ConfigError(f"--load {args.load}: the checkpoint records no model config; pass --model")
-        config = model_preset(args.model)
+        raise ConfigError(f"--load {args.load}: the checkpoint records no model config; pass --model and the "
+                          "architecture flags it was trained with")
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     check_layout(config, tp, pp)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -112,7 +129,7 @@ def run(args, tok_path: str) -> None:
     prompts = read_prompts(args)
     device = initialize_distributed()
     state = build_parallel_state(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, device=device)
-    model, _ = load_inference_model(args.load, state, config=model_preset(args.model) if args.model else None,
+    model, _ = load_inference_model(args.load, state, config=flag_model_config(args.arch_flags),
                                     params_dtype=torch.bfloat16 if args.bf16 else None,
                                     fused_kernels=not args.no_fused_kernels)
     config = model.config
@@ -144,7 +161,8 @@ def run(args, tok_path: str) -> None:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args, rest = build_parser().parse_known_args(argv)
+    args.arch_flags = rest  # the architecture flags, read only for a checkpoint without a config
     try:
         try:  # the sampling flags' own checks raise ValueError naming the flag
             SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)

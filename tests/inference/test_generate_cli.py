@@ -90,3 +90,21 @@ def test_bad_sampling_flag_and_no_prompt(ckpt, capsys):
     root, tok, _ = ckpt
     assert "--top-p" in _error(["--load", root, "--tokenizer-model", tok, "--prompt", "w1", "--top-p", "0"], capsys)
     assert "--prompt" in _error(["--load", root, "--tokenizer-model", tok], capsys)
+
+
+ARCH_FLAGS = ["--num-layers", "4", "--hidden-size", "64", "--ffn-hidden-size", "176", "--num-attention-heads", "4",
+              "--num-query-groups", "2", "--max-position-embeddings", "64", "--vocab-size", "64",
+              "--init-method-std", "0.05"]
+
+
+def test_a_checkpoint_without_config_takes_the_architecture_flags(ckpt, tmp_path, capsys):
+    from megatron_ds.checkpoint.model_state import model_sharded_tensors
+    from megatron_ds.checkpoint.save import save_checkpoint
+
+    _, tok, model = ckpt
+    bare = str(tmp_path / "bare")
+    save_checkpoint(bare, 1, model_sharded_tensors(model))  # no config recorded
+    argv = ["--load", bare, "--tokenizer-model", tok, "--prompt", PROMPT, "--max-new-tokens", "6"]
+    assert "records no model config" in _error(argv, capsys)
+    assert main(argv + ["--model", "tiny"] + ARCH_FLAGS + ["--no-fused-kernels"]) == 0
+    assert capsys.readouterr().out == _expected(model, tok, 6) + "\n"
