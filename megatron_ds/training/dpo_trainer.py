@@ -28,8 +28,10 @@ from megatron_ds.data.sampler import MegatronPretrainingSampler
 from megatron_ds.parallel.topology import ParallelState, group_size
 from megatron_ds.training.dpo_loss import METRICS, DPOLoss, ReferenceLogps
 from megatron_ds.training.logger import RunLogger
+from megatron_ds.training.evaluation import EvalResult
+from megatron_ds.training.evaluation import to_device as _to_device
 from megatron_ds.training.schedules import forward_backward
-from megatron_ds.training.trainer import Trainer, _to_device
+from megatron_ds.training.trainer import Trainer
 
 _PAIRS = len(METRICS)  # index of the pair count in the metric sums
 
@@ -55,6 +57,10 @@ class DPOTrainer(Trainer):
         if reference is not None:
             self.reference_chunks = list(reference) if isinstance(reference, (list, tuple)) else [reference]
             freeze(self.reference_chunks)
+        # The loop counts global_batch_size x seq_length tokens a step, one sequence per sample; a pair is
+        # two, each trained (3 forwards' worth of FLOPs), and the reference adds one forward of each.
+        self._train_flops_per_token = self.flops_per_token
+        self.flops_per_token = self._train_flops_per_token * 2 * (1 + (1 / 3 if reference is not None else 0))
         self.last_metrics: dict[str, float] = {}
         """The global metrics of the last step (or evaluation): METRICS, each a mean over pairs."""
         self._window = torch.zeros(len(METRICS) + 1, dtype=torch.float64)
@@ -123,6 +129,7 @@ class DPOTrainer(Trainer):
             self._reduce(table)
             pairs.ref_logps = table.cpu().numpy()
         self.reference_chunks = None
+        self.flops_per_token = self._train_flops_per_token * 2
         gc.collect()
         if torch.device(s.device).type == "cuda":
             torch.cuda.empty_cache()
@@ -163,7 +170,8 @@ class DPOTrainer(Trainer):
 
     def log_scalars(self, scalars: dict[str, float]) -> dict[str, float]:
         """The loss under its own name, then the window's mean DPO metrics, then lr, grad norm, throughput.
-        tokens/s counts both sequences of a pair (padding included), the policy's tokens only."""
+        tokens/s counts both sequences of a pair (padding included); TFLOP/s and MFU include the reference's
+        forward when it runs every step."""
         scalars = dict(scalars)
         means, self._window = self._means(self._window), torch.zeros_like(self._window)
         out = {f"{self.loss_func.loss_type if self.loss_func.loss_type == 'ipo' else 'dpo'} loss":
@@ -192,6 +200,7 @@ class DPOTrainer(Trainer):
         self._set_train(True)
         means = self._means(total)
         self.valid_metrics.append((self.result.iteration, means))
+        self.last_eval = EvalResult(loss=means["loss"], tokens=int(total[_PAIRS].item()))  # no bits-per-byte
         self.logger.info(f"validation at iter {self.result.iteration} | preference accuracy "
                          f"{means['preference accuracy']:.4f} | reward margin {means['reward margin']:.4f}")
         for k in ("preference accuracy", "reward margin"):
