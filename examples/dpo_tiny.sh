@@ -8,14 +8,14 @@
 #   bash examples/dpo_tiny.sh                         # generated pairs
 #   bash examples/dpo_tiny.sh my_pairs.jsonl          # your own {"prompt", "chosen", "rejected"} jsonl
 #
-# Environment: OUT_DIR (default runs/dpo_tiny), TRAIN_ITERS (default 120), NPROC (default 2), PP (default 1;
+# Environment: OUT_DIR (default runs/dpo_tiny), TRAIN_ITERS (default 200), NPROC (default 2), PP (default 1;
 # the data-parallel size is NPROC / PP), PRECOMPUTE=1 to precompute the reference log-probs once and free
 # the reference model (default: a reference forward pass every step).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 OUT_DIR=${OUT_DIR:-runs/dpo_tiny}
-TRAIN_ITERS=${TRAIN_ITERS:-120}
+TRAIN_ITERS=${TRAIN_ITERS:-200}
 NPROC=${NPROC:-2}
 PP=${PP:-1}
 PAIRS=${1:-}
@@ -26,7 +26,7 @@ if [[ -z "$PAIRS" ]]; then
     PAIRS="$OUT_DIR/pairs.jsonl"
     python examples/dpo_pairs.py --output "$PAIRS" --pairs 4000 --valid-output "$OUT_DIR/valid.jsonl" \
         --valid-pairs 128 --text-output "$OUT_DIR/corpus.txt"
-    VALID_ARGS=(--dpo-valid-data "$OUT_DIR/valid.jsonl" --eval-interval 40 --eval-iters 4)
+    VALID_ARGS=(--dpo-valid-data "$OUT_DIR/valid.jsonl" --eval-interval 50 --eval-iters 4)
     TOKENIZER_INPUT="$OUT_DIR/corpus.txt"
 elif [[ ! -f "$PAIRS" ]]; then
     echo "error: $PAIRS not found; pass a jsonl with one {\"prompt\", \"chosen\", \"rejected\"} per line" >&2
