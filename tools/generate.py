@@ -5,10 +5,10 @@
         --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --prompt "Hello" --temperature 0.8 --top-p 0.9
 
 The checkpoint may come from any layout; the architecture is read from its metadata (``--model``
-and the architecture flags of pretrain, e.g. ``--num-layers``, serve only a checkpoint that records none). ``--temperature 0`` (the
-default) is greedy. Each prompt is generated on its own (prompts of different lengths need no
-padding); rank 0 prints each continuation, then a throughput line on stderr. Bad input is one
-line ``error: ...`` on stderr and exit code 2.
+and pretrain's architecture flags, e.g. ``--num-layers``, serve only a checkpoint that records
+none). ``--temperature 0`` (the default) is greedy. Each prompt is generated on its own (prompts
+of different lengths need no padding); rank 0 prints each continuation, then a throughput line on
+stderr. Bad input is one line ``error: ...`` on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1234, help="seed of the sampling generator (the same on every rank)")
     p.add_argument("--add-bos", action="store_true", help="prepend the tokenizer's BOS token to each prompt")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sentence token")
-    p.add_argument("--no-kv-cache", action="store_true", help="re-run the whole sequence every step (slow; a reference)")
+    p.add_argument("--no-kv-cache", action="store_true",
+                   help="re-run the whole sequence every step (slow; a reference)")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     p.add_argument("--bf16", action="store_true", help="run in bf16 (default: the dtype the checkpoint stores)")

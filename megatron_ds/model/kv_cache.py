@@ -37,7 +37,8 @@ class KVCache:
                    dtype=p.dtype, device=p.device)
 
     def update(self, layer_number: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's k, v [b, nkv, s, d] at positions seq_len.. and return all cached [b, nkv, seq_len + s, d]."""
+        """Write this step's k, v [b, nkv, s, d] at positions seq_len.. and return all cached
+        [b, nkv, seq_len + s, d]."""
         start, end = self.seq_len, self.seq_len + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; this step would fill {end}")

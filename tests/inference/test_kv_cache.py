@@ -65,7 +65,8 @@ def test_generation_stops_at_eos_and_at_the_last_position():
     tokens, _ = _reference()
     eos = int(tokens[0, 3])  # the 4th greedy token: generation must end right there
     first = tokens[0].tolist().index(eos)
-    assert generate(model, ParallelState(), PROMPT, NEW, eos_id=eos).tokens[0].tolist() == tokens[0, :first + 1].tolist()
+    stopped = generate(model, ParallelState(), PROMPT, NEW, eos_id=eos).tokens[0]
+    assert stopped.tolist() == tokens[0, :first + 1].tolist()
     # max_position_embeddings 64: a 60-token prompt leaves room for 4 new tokens only.
     assert generate(model, ParallelState(), list(range(60)), NEW).tokens.shape == (1, 4)
 
