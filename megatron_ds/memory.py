@@ -22,16 +22,25 @@ the activation dtype, for one micro-batch of b sequences of s tokens:
     SwiGLU gate, up, product       3 s b f / t
   full recompute keeps only each layer's input (s b h / t_sp) and one layer's worth during backward;
   selective recompute (the attention core) drops the attention output and the post-rotary q, k.
-  The last stage adds the logits (s b V / t) and their fp32 copy in the cross-entropy.
+  The last stage adds the logits (s b V / t): in the model dtype with the fused cross-entropy (the
+  default), which saves the logits themselves and writes its gradient over them; the reference
+  (--no-fused-kernels) also holds an fp32 softmax of the same shape (4 more bytes per element).
 Under 1F1B pipeline stage r holds up to (PP - r) micro-batches in flight; ``in_flight`` says so.
+
+The estimate is held against what a run really allocates: ``measure_peak_cpu_tensor_bytes`` gives the
+peak of the tensor bytes a call allocates on CPU (tests/planner/test_memory_measured.py runs the tiny
+model at several layouts with it). What neither side counts: gloo's and the allocator's own buffers,
+transients inside one kernel, and the few KiB of rotary tables, norm statistics and batches.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence, TypeVar
 
 from megatron_ds.config import ModelConfig
+
+T = TypeVar("T")
 
 GiB = 1024**3
 
@@ -102,14 +111,19 @@ def activation_elements_per_layer(config: ModelConfig, *, tp: int, sp: bool, seq
 def estimate(config: ModelConfig, *, tp: int = 1, pp: int = 1, dp: int = 1, sp: bool = False,
              recompute: Optional[str] = None, micro_batch: int = 1, seq: int = 4096, bf16: bool = True,
              distributed_optimizer: bool = False, pp_rank: Optional[int] = None,
-             stage_layers: Optional[Sequence[int]] = None) -> MemoryEstimate:
-    """Bytes on TP rank 0 of pipeline stage ``pp_rank`` (None: the stage with the largest total)."""
+             stage_layers: Optional[Sequence[int]] = None, fused_cross_entropy: bool = True) -> MemoryEstimate:
+    """Bytes on TP rank 0 of pipeline stage ``pp_rank`` (None: the stage with the largest total).
+
+    ``fused_cross_entropy``: the csrc/ cross-entropy, which keeps no fp32 copy of the logits (False:
+    the reference, under --no-fused-kernels or without the extension).
+    """
     from megatron_ds.model.param_count import count_model_parameters
 
     if pp_rank is None:
         return max((estimate(config, tp=tp, pp=pp, dp=dp, sp=sp, recompute=recompute, micro_batch=micro_batch,
                              seq=seq, bf16=bf16, distributed_optimizer=distributed_optimizer, pp_rank=r,
-                             stage_layers=stage_layers) for r in range(pp)), key=lambda e: e.total)
+                             stage_layers=stage_layers, fused_cross_entropy=fused_cross_entropy)
+                    for r in range(pp)), key=lambda e: e.total)
     ranges = stage_layer_ranges(config.num_layers, pp, stage_layers)
     first, last = pp_rank == 0, pp_rank == pp - 1
     n = count_model_parameters(config, tp, ranges[pp_rank], pre_process=first, post_process=last)
@@ -128,7 +142,8 @@ def estimate(config: ModelConfig, *, tp: int = 1, pp: int = 1, dp: int = 1, sp: 
         act += activation_elements_per_layer(config, tp=tp, sp=sp, seq=seq, micro_batch=micro_batch) * p_bytes
     if last:
         v = config.padded_vocab_size(tp) // tp
-        act += seq * micro_batch * v * (p_bytes + 4)  # logits + the fp32 copy the cross-entropy keeps
+        # the logits; the reference cross-entropy adds its fp32 softmax (the fused one reuses the logits)
+        act += seq * micro_batch * v * (p_bytes + (0 if fused_cross_entropy else 4))
     return MemoryEstimate(params=params, grads=grads, optimizer=optimizer, activations_per_microbatch=act,
                           in_flight=pp - pp_rank if pp > 1 else 1, num_params=n)
 
@@ -139,4 +154,56 @@ def estimate_for_config(cfg, dp_size: int, pp_rank: Optional[int] = None) -> Mem
     return estimate(cfg.model, tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size, dp=dp_size,
                     sp=p.sequence_parallel, recompute=getattr(t, "recompute_granularity", None),
                     micro_batch=t.micro_batch_size, seq=t.seq_length, bf16=getattr(t, "bf16", False),
-                    distributed_optimizer=getattr(t, "use_distributed_optimizer", False), pp_rank=pp_rank)
+                    distributed_optimizer=getattr(t, "use_distributed_optimizer", False), pp_rank=pp_rank,
+                    # the configured kernels; a build without the csrc/ extension falls back to the
+                    # reference cross-entropy (with a warning), and then this is under by its softmax
+                    fused_cross_entropy=not getattr(getattr(cfg, "kernels", None), "no_fused_kernels", False))
+
+
+def measure_peak_cpu_tensor_bytes(fn: Callable[[], T]) -> tuple[T, int]:
+    """``(fn(), peak bytes of the CPU tensors allocated during the call and alive at once)``, all threads.
+
+    The process's RSS cannot show this for a small model: the torch libraries and gloo's buffers
+    dwarf it. torch's CPU allocator can count its live bytes itself (c10's
+    ``caffe2_report_cpu_memory_usage`` flag, on for the call): a size table of every block and their
+    total, on every thread, so a tensor that a process-group thread frees leaves the count when it
+    does. The profiler (``profile_memory``) reports that total at every allocation and free of the
+    calling thread, which does almost all of them (autograd runs CPU backward on it too); the peak is
+    the largest report, less the total when the call began. Blocks from before the call are not in
+    the table and do not count when freed. Slow (every op is recorded): for tests and one-off
+    measurements, not for every training step.
+    """
+    import ctypes
+    import gc
+    import os
+
+    import torch
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    libc10 = os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so")
+    try:  # a c10 flag without a Python setter: the exported global itself
+        flag = ctypes.c_bool.in_dll(ctypes.CDLL(libc10), "FLAGS_caffe2_report_cpu_memory_usage")
+    except (OSError, ValueError) as e:
+        raise RuntimeError(f"measure_peak_cpu_tensor_bytes: this torch does not export c10's "
+                           f"caffe2_report_cpu_memory_usage flag from {libc10} ({e})") from e
+    was = flag.value
+    flag.value = True
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            torch.empty(1)  # the first report: the total the call starts from
+            out = fn()
+            gc.collect()  # blocks held only by reference cycles leave the table while it is kept
+    finally:
+        flag.value = was
+    # Allocation events are leaves of the event tree (the FunctionEvent list folds them into their op).
+    reports, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        stack.extend(e.children)
+        if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
+            reports.append((e.start_time_ns, e.extra_fields.alloc_size, e.extra_fields.total_allocated))
+    reports.sort()
+    _, first_size, first_total = reports[0]
+    start = first_total - first_size
+    return out, max(total for _, _, total in reports) - start
