@@ -89,3 +89,34 @@ def test_checkpoint_loads_in_pretrain_and_sft(dpo_run, dpo_files, tmp_path):
     proc = _run("megatron_ds.sft", common + ["--data-path", str(tmp_path / "sft")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "finetuning from the weights of" in proc.stdout
+
+
+def test_load_gives_policy_and_reference_the_same_weights(dpo_run, dpo_files):
+    """--load: both models start from the checkpoint, so at the first step every pair's log-ratios are equal
+    (m = 0): loss log 2, zero rewards, accuracy 0 (no chosen reward strictly above its rejected one)."""
+    _, out = dpo_run
+    train, _, tok = dpo_files
+    proc = _run("megatron_ds.dpo", MODEL_FLAGS + [
+        "--dpo-data", train, "--tokenizer-model", tok, "--micro-batch-size", "4", "--global-batch-size", "8",
+        "--train-iters", "1", "--log-interval", "1", "--load", str(out / "ckpt")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "reference model: " in proc.stdout and "iteration 4), frozen" in proc.stdout
+    assert "finetuning from the weights of" in proc.stdout
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("iter "))
+    assert "dpo loss 0.6931 | reward margin 0.0000 | preference accuracy 0.0000" in line, line
+    assert "chosen reward 0.0000 | rejected reward 0.0000" in line, line
+
+
+def test_epochs_set_the_steps_from_the_pairs(dpo_files):
+    """--dpo-epochs 0.5 over 96 pairs at 8 pairs a step: ceil(48 / 8) = 6 steps, and the run does 6."""
+    from megatron_ds.config import config_from_args
+    from megatron_ds.data.tokenizer import build_tokenizer
+    from megatron_ds.dpo import DPORunConfig, run
+    from megatron_ds.parallel.topology import single_process_state
+
+    train, _, tok = dpo_files
+    cfg = config_from_args(MODEL_FLAGS + ["--dpo-data", train, "--tokenizer-model", tok, "--micro-batch-size", "4",
+                                          "--global-batch-size", "8", "--dpo-epochs", "0.5", "--train-iters", "1000",
+                                          "--dpo-precompute-ref"], DPORunConfig, "megatron_ds.dpo")
+    res = run(cfg, single_process_state(), build_tokenizer(tok), log=False)
+    assert cfg.training.train_iters == 6 and res.iteration == 6 and len(res.losses) == 6
