@@ -9,8 +9,9 @@ costs beyond pre-training: building each packed sample and the explicit [s, s] a
 
     python benchmarks/bench_sft.py [--model tiny] [--steps 30] [--seq-length 256]
 
-Prints tokens/s (all positions of the batch) of each and the ratio SFT / pre-training, plus the
-share of positions that carry loss in SFT (the rest is prompt and padding).
+Prints tokens/s (all positions of the batch) of each, the median of --repeats interleaved runs, and
+the ratio SFT / pre-training, plus the share of positions that carry loss in SFT (the rest is prompt
+and padding).
 """
 
 from __future__ import annotations
@@ -114,6 +115,7 @@ def main(argv=None) -> None:
     p.add_argument("--global-batch-size", type=int, default=16)
     p.add_argument("--conversations", type=int, default=4000)
     p.add_argument("--cores", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--repeats", type=int, default=3, help="interleaved runs of each; the median is reported")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", choices=("sft", "pretrain"), help=argparse.SUPPRESS)
     p.add_argument("--data", default="", help=argparse.SUPPRESS)
@@ -121,17 +123,29 @@ def main(argv=None) -> None:
     if args.worker:
         worker(args)
         return
+    runs = {"pretrain": [], "sft": []}
     with tempfile.TemporaryDirectory() as d:
         prefix = make_sft_data(d, args.conversations)
-        pre = launch(args, "pretrain", prefix)
-        sft = launch(args, "sft", prefix)
-    print(f"model {args.model}, TP {TP} x DP {DP} on {args.cores} cores, {args.steps} steps ({args.warmup} untimed), "
-          f"global batch {args.global_batch_size} x {args.seq_length} tokens, micro-batch {args.micro_batch_size}")
-    print(f"pre-training: {pre['tokens_per_s']:,.0f} tokens/s (loss {pre['first_loss']:.3f} -> {pre['final_loss']:.3f})")
-    print(f"SFT:          {sft['tokens_per_s']:,.0f} tokens/s (loss {sft['first_loss']:.3f} -> {sft['final_loss']:.3f}; "
-          f"{100 * sft['loss_share']:.0f}% of positions carry loss)")
-    print(f"ratio SFT / pre-training: {sft['tokens_per_s'] / pre['tokens_per_s']:.3f}")
+        # Alternate the two, --repeats times each: a shared machine's load drifts, and the median of
+        # interleaved runs is what both saw alike.
+        for _ in range(args.repeats):
+            for mode in runs:
+                runs[mode].append(launch(args, mode, prefix))
 
+    def median(mode):
+        ordered = sorted(runs[mode], key=lambda r: r["tokens_per_s"])
+        return ordered[len(ordered) // 2]
+
+    pre, sft = median("pretrain"), median("sft")
+    each = {m: ", ".join(f"{r['tokens_per_s']:,.0f}" for r in runs[m]) for m in runs}
+    print(f"model {args.model}, TP {TP} x DP {DP} on {args.cores} cores, {args.steps} steps ({args.warmup} untimed), "
+          f"global batch {args.global_batch_size} x {args.seq_length} tokens, micro-batch {args.micro_batch_size}; "
+          f"median of {args.repeats} interleaved runs each")
+    print(f"pre-training: {pre['tokens_per_s']:,.0f} tokens/s (runs: {each['pretrain']}; "
+          f"loss {pre['first_loss']:.3f} -> {pre['final_loss']:.3f})")
+    print(f"SFT:          {sft['tokens_per_s']:,.0f} tokens/s (runs: {each['sft']}; loss {sft['first_loss']:.3f} -> "
+          f"{sft['final_loss']:.3f}; {100 * sft['loss_share']:.0f}% of positions carry loss)")
+    print(f"ratio SFT / pre-training: {sft['tokens_per_s'] / pre['tokens_per_s']:.3f}")
 
 if __name__ == "__main__":
     main()

@@ -82,8 +82,8 @@ def check_inputs(cfg: SFTRunConfig) -> None:
                               "SFT does not split --data-path")
         ConversationCorpus(_prefixes(s.valid_data_path, "--valid-data-path"), "--valid-data-path")
     get_template(s.chat_template)  # a one-line DataError naming --chat-template when unknown
-    if t.load and not s.resume_sft:
-        t.finetune = True  # weights only: iteration 0, fresh optimizer, RNG and data position
+    if s.resume_sft and not t.load:
+        raise ConfigError("--resume-sft needs --load (the interrupted SFT run's --save directory)")
 
 
 def build_sft_datasets(cfg: SFTRunConfig) -> tuple[SFTDataset, Optional[SFTDataset]]:
@@ -120,6 +120,8 @@ def run(cfg: SFTRunConfig, state, tokenizer=None, log: bool | None = None):
     """One SFT run, callable in-process (tests): pack, fix the iterations, then pretrain.run."""
     train, valid = build_sft_datasets(cfg)
     t = cfg.training
+    if t.load and not cfg.sft.resume_sft:
+        t.finetune = True  # weights only: iteration 0, fresh optimizer, RNG and data position
     if t.generate_prompt:  # the sample after training answers the prompt as a chat turn
         t.generate_prompt = prompt_text(t.generate_prompt, cfg.sft.chat_template)
 

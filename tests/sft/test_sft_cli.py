@@ -103,6 +103,9 @@ def test_missing_sft_files_name_the_flag_and_the_tool(data, tmp_path):
      "is less than one --global-batch-size 4000"),
     (["--eval-interval", "2"], "--eval-interval needs --valid-data-path"),
     (["--mock-data"], "--mock-data: megatron_ds.sft trains on conversations"),
-], ids=["zero-epochs", "fewer-samples-than-a-batch", "eval-without-valid", "mock-data"])
+    (["--resume-sft"], "--resume-sft needs --load"),
+    (["--chat-template", "alpaca"], "--chat-template 'alpaca' is not known; choose one of deepseek, chatml"),
+], ids=["zero-epochs", "fewer-samples-than-a-batch", "eval-without-valid", "mock-data", "resume-without-load",
+        "unknown-template"])
 def test_bad_flags_are_one_line(data, extra, needle):
     assert_one_line_error(sft(TINY + ["--data-path", str(data / "a"), *extra]), needle)
