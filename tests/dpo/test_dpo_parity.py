@@ -56,6 +56,16 @@ def _setup(train, tok, extra, world):
     return cfg, state, ds
 
 
+def _grads(trainer) -> dict:
+    """main_grad of every parameter by global name, with its TP layout (None when replicated)."""
+    grads = {}
+    for chunk in trainer.model_chunks:
+        for name, p in chunk.named_parameters():
+            meta = (p.partition_dim, p.partition_sizes) if getattr(p, "tensor_model_parallel", False) else None
+            grads[name] = (p.main_grad.clone(), meta)
+    return grads
+
+
 def _dpo_world(train: str, tok: str) -> dict:
     """On every rank: one step's loss, metrics and grads; then 3 optimizer steps with the reference watched;
     then the first step's loss again with precomputed reference log-probs."""
@@ -65,11 +75,7 @@ def _dpo_world(train: str, tok: str) -> dict:
     batches = trainer._batches(ds, 0, STEPS + 1)
     loss = trainer._reduce_loss(trainer.forward_backward_step(next(batches)))
     metrics = trainer._means(trainer._global_metrics())
-    grads = {}
-    for chunk in trainer.model_chunks:
-        for name, p in chunk.named_parameters():
-            meta = (p.partition_dim, p.partition_sizes) if getattr(p, "tensor_model_parallel", False) else None
-            grads[name] = (p.main_grad.clone(), meta)
+    grads = _grads(trainer)
 
     # The reference: frozen, outside the optimizer, bitwise unchanged by optimizer steps that do move the policy.
     before = {n: p.detach().clone() for n, p in reference.named_parameters()}
@@ -92,9 +98,18 @@ def _dpo_world(train: str, tok: str) -> dict:
     pre = DPOTrainer(cfg, state, build_model(cfg, state), ds, reference=build_model(reference_config(cfg), state))
     pre.precompute_reference([ds])
     pre_loss = pre._reduce_loss(pre.forward_backward_step(next(pre._batches(ds, 0, 1))))
+    has_ref_table = ds.pairs.ref_logps is not None
+
+    # Interleaved 1F1B: two model chunks of one layer per rank, for the policy and the reference alike.
+    cfg, state, ds = _setup(train, tok, ["--num-layers-per-virtual-pipeline-stage", "1"], 8)
+    inter = DPOTrainer(cfg, state, build_model(cfg, state), ds, reference=build_model(reference_config(cfg), state))
+    assert len(inter.model_chunks) == 2 and len(inter.reference_chunks) == 2
+    inter_loss = inter._reduce_loss(inter.forward_backward_step(next(inter._batches(ds, 0, 1))))
+    interleaved = {"loss": inter_loss, "grads": _grads(inter) if state.dp_rank == 0 else None}
     return {"loss": loss, "metrics": metrics, "grads": grads if state.dp_rank == 0 else None, "tp": state.tp_size,
+            "interleaved": interleaved,
             "tp_rank": state.tp_rank, "frozen": frozen, "step_losses": step_losses, "precomputed_loss": pre_loss,
-            "reference_freed": pre.reference_chunks is None, "has_ref_table": ds.pairs.ref_logps is not None}
+            "reference_freed": pre.reference_chunks is None, "has_ref_table": has_ref_table}
 
 
 @functools.lru_cache(maxsize=None)
@@ -113,11 +128,30 @@ def _direct(train, tok):
                         cfg.dpo.dpo_beta)
 
 
+def _check_grads(results, ref_grads, key=None) -> float:
+    """Every parameter's gradient on the DP-rank-0 ranks against the direct one (its TP slice); the worst error."""
+    worst, seen = 0.0, set()
+    for rank, r in enumerate(results):
+        grads = (r[key] if key else r)["grads"]
+        if grads is None:
+            continue
+        for name, (g, meta) in grads.items():
+            ref = ref_grads[name]
+            if meta is not None:
+                ref = shard(ref, meta[0], r["tp"], r["tp_rank"], meta[1])
+            assert g.shape == ref.shape, name
+            err = ((g - ref).abs().max() / ref.abs().max()).item()
+            assert err <= GRAD_TOL, f"{key or 'layout'} rank {rank} {name}: gradient differs by {err:.2e} of its max"
+            worst = max(worst, err)
+            seen.add(name)
+    assert seen == set(ref_grads), sorted(set(ref_grads) ^ seen)  # every parameter was checked somewhere
+    return worst
+
+
 def test_loss_and_every_gradient_equal_the_formula_at_tp2_pp2_dp2(dpo_files):
     train, _, tok = dpo_files
     ref_grads, ref_metrics = _direct(train, tok)
     results = _results(train, tok)
-    worst_grad, seen = 0.0, set()
     for rank, r in enumerate(results):
         # Every rank (every stage, every DP rank) logs the same global numbers.
         assert abs(r["loss"] - ref_metrics["loss"]) <= LOSS_TOL, (rank, r["loss"], ref_metrics["loss"])
@@ -125,18 +159,7 @@ def test_loss_and_every_gradient_equal_the_formula_at_tp2_pp2_dp2(dpo_files):
         assert r["metrics"]["reward margin"] == pytest.approx(ref_metrics["reward margin"], abs=1e-5)
         assert r["metrics"]["chosen logps"] == pytest.approx(ref_metrics["chosen logps"], rel=1e-6)
         assert r["metrics"]["rejected logps"] == pytest.approx(ref_metrics["rejected logps"], rel=1e-6)
-        if r["grads"] is None:
-            continue
-        for name, (g, meta) in r["grads"].items():
-            ref = ref_grads[name]
-            if meta is not None:
-                ref = shard(ref, meta[0], r["tp"], r["tp_rank"], meta[1])
-            assert g.shape == ref.shape, name
-            err = ((g - ref).abs().max() / ref.abs().max()).item()
-            assert err <= GRAD_TOL, f"rank {rank} {name}: gradient differs by {err:.2e} of its max"
-            worst_grad = max(worst_grad, err)
-            seen.add(name)
-    assert seen == set(ref_grads), sorted(set(ref_grads) ^ seen)  # every parameter was checked somewhere
+    worst_grad = _check_grads(results, ref_grads)
     print(f"TP2xSPxPP2xDP2: loss {results[0]['loss']:.7f} vs {ref_metrics['loss']:.7f} "
           f"(|diff| {max(abs(r['loss'] - ref_metrics['loss']) for r in results):.2e}), "
           f"max grad diff / max |grad| {worst_grad:.2e}")
@@ -160,3 +183,13 @@ def test_precomputed_reference_gives_the_same_loss(dpo_files):
         assert r["precomputed_loss"] == pytest.approx(r["loss"], abs=PRECOMPUTE_TOL), rank
     print(f"precomputed vs on-the-fly reference: loss |diff| "
           f"{max(abs(r['precomputed_loss'] - r['loss']) for r in _results(train, tok)):.2e}")
+
+
+def test_interleaved_pipeline_equals_the_formula(dpo_files):
+    train, _, tok = dpo_files
+    ref_grads, ref_metrics = _direct(train, tok)
+    results = _results(train, tok)
+    for rank, r in enumerate(results):
+        assert abs(r["interleaved"]["loss"] - ref_metrics["loss"]) <= LOSS_TOL, rank
+    worst = _check_grads(results, ref_grads, "interleaved")
+    print(f"TP2xSPxPP2(interleaved, 2 chunks)xDP2: max grad diff / max |grad| {worst:.2e}")
