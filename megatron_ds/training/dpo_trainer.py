@@ -16,12 +16,15 @@ optimizer, so nothing ever writes to it.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import gc
 from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
+from megatron_ds import memory
 from megatron_ds.config import Config
 from megatron_ds.data.dpo_dataset import DPODataset, collate_pairs
 from megatron_ds.data.sampler import MegatronPretrainingSampler
@@ -61,6 +64,14 @@ class DPOTrainer(Trainer):
         # two, each trained (3 forwards' worth of FLOPs), and the reference adds one forward of each.
         self._train_flops_per_token = self.flops_per_token
         self.flops_per_token = self._train_flops_per_token * 2 * (1 + (1 / 3 if reference is not None else 0))
+        # The memory estimate of what a DPO micro-batch is (2 x --micro-batch-size rows), with the frozen
+        # reference's weights (the policy's dtype and layout) while it is resident; its forward keeps no
+        # activations.
+        rows_cfg = copy.deepcopy(cfg)
+        rows_cfg.training.micro_batch_size *= 2
+        self._policy_memory = memory.estimate_for_config(rows_cfg, state.dp_size, state.pp_rank)
+        self.memory_estimate = dataclasses.replace(
+            self._policy_memory, params=self._policy_memory.params * (2 if reference is not None else 1))
         self.last_metrics: dict[str, float] = {}
         """The global metrics of the last step (or evaluation): METRICS, each a mean over pairs."""
         self._window = torch.zeros(len(METRICS) + 1, dtype=torch.float64)
@@ -130,6 +141,7 @@ class DPOTrainer(Trainer):
             pairs.ref_logps = table.cpu().numpy()
         self.reference_chunks = None
         self.flops_per_token = self._train_flops_per_token * 2
+        self.memory_estimate = self._policy_memory
         gc.collect()
         if torch.device(s.device).type == "cuda":
             torch.cuda.empty_cache()
