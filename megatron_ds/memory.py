@@ -26,11 +26,16 @@ the activation dtype, for one micro-batch of b sequences of s tokens:
   default), which saves the logits themselves and writes its gradient over them; the reference
   (--no-fused-kernels) also holds an fp32 softmax of the same shape (4 more bytes per element).
 Under 1F1B pipeline stage r holds up to (PP - r) micro-batches in flight; ``in_flight`` says so.
+Backward adds, once, what lives only while it runs (``backward_transient``): each weight's gradient is
+written in the model dtype and then added into its fp32 main grad and freed, so the largest weight's
+(the LM head's V/t x h on the last stage, the fused gate/up 2f/t x h elsewhere) is alive beside all
+of a micro-batch's activations, with the gradient of the hidden states, s b h.
 
 The estimate is held against what a run really allocates: ``measure_peak_cpu_tensor_bytes`` gives the
 peak of the tensor bytes a call allocates on CPU (tests/planner/test_memory_measured.py runs the tiny
-model at several layouts with it). What neither side counts: gloo's and the allocator's own buffers,
-transients inside one kernel, and the few KiB of rotary tables, norm statistics and batches.
+model at several layouts with it: within 4%). Left out here: the embedding's output, rotary tables,
+norm statistics, batches and the collectives' staging copies; not seen there: memory that is not a
+torch tensor (gloo's own buffers, the allocator's slack).
 """
 
 from __future__ import annotations
@@ -58,6 +63,10 @@ class MemoryEstimate:
     """Micro-batches whose activations are alive at once (1F1B: PP - pp_rank; 1 without PP)."""
     num_params: int
     """Parameters on this rank."""
+    backward_transient: int = 0
+    """Alive only inside backward, beside all the activations: a weight's gradient in the model dtype until
+    its hook adds it into main_grad, and the gradient of the hidden states it comes with (see the module
+    docstring)."""
 
     @property
     def activations(self) -> int:
@@ -65,14 +74,14 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return self.params + self.grads + self.optimizer + self.activations
+        return self.params + self.grads + self.optimizer + self.activations + self.backward_transient
 
     def summary(self) -> str:
         unit, name = (GiB, "GiB") if self.total >= GiB else (2**20, "MiB")  # tiny models read in MiB
         g = lambda n: f"{n / unit:.2f} {name}"  # noqa: E731
         return (f"memory per rank (estimate): params {g(self.params)} | grads {g(self.grads)} | optimizer "
                 f"{g(self.optimizer)} | activations {g(self.activations_per_microbatch)} x {self.in_flight} "
-                f"micro-batch(es) | total {g(self.total)}")
+                f"micro-batch(es) + {g(self.backward_transient)} in backward | total {g(self.total)}")
 
 
 def stage_layer_ranges(num_layers: int, pp: int, counts: Optional[Sequence[int]] = None) -> list[range]:
@@ -144,8 +153,15 @@ def estimate(config: ModelConfig, *, tp: int = 1, pp: int = 1, dp: int = 1, sp: 
         v = config.padded_vocab_size(tp) // tp
         # the logits; the reference cross-entropy adds its fp32 softmax (the fused one reuses the logits)
         act += seq * micro_batch * v * (p_bytes + (0 if fused_cross_entropy else 4))
+    # The peak comes early in a backward, with a micro-batch's activations all alive: the gradient of
+    # the stage's largest weight (the LM head's [V/t, h] on the last stage, else the fused gate/up
+    # [2f/t, h]) and of the hidden states [s, b, h] (under SP, of the gathered input) are held then.
+    # The embedding's gradient [V/t, h] comes at the end of stage 0's backward, after its activations.
+    h = config.hidden_size
+    largest_weight = (config.padded_vocab_size(tp) // tp if last else 2 * config.ffn_hidden_size // tp) * h
+    transient = (largest_weight + seq * micro_batch * h) * p_bytes
     return MemoryEstimate(params=params, grads=grads, optimizer=optimizer, activations_per_microbatch=act,
-                          in_flight=pp - pp_rank if pp > 1 else 1, num_params=n)
+                          in_flight=pp - pp_rank if pp > 1 else 1, num_params=n, backward_transient=transient)
 
 
 def estimate_for_config(cfg, dp_size: int, pp_rank: Optional[int] = None) -> MemoryEstimate:

@@ -25,14 +25,16 @@ STEPS = 3  # the first step allocates the Adam state and the grad buffers; 3 sho
 BASE = ["--model", "tiny", "--seq-length", "256", "--micro-batch-size", "2", "--train-iters", str(STEPS),
         "--mock-data", "--log-interval", "1000", "--eval-interval", "0"]
 
-# Issue 9's bar. Measured estimate/peak on these layouts: 0.91-0.97, the estimate a little under
-# everywhere: it leaves out backward's transients (a weight's gradient before its hook adds it into
-# main_grad, the gradient flowing between layers), the embedding's output, rotary tables and norm
-# statistics; the last pipeline stage, whose peak comes at the LM head's backward, is furthest under.
+# Issue 9's bar. Measured estimate/peak on these layouts: 0.96-1.02. What the estimate leaves out
+# (the embedding's output, rotary tables, norm statistics, gloo's staging copies) or rounds (the
+# per-layer saved set is derived for the reference kernels; the fused rotary works in place) stays
+# within 4% here; a term missing from memory.py shows as more: before the fused cross-entropy's
+# logits were counted right the first two layouts read 1.12 and 1.16, and without the backward
+# transient the last pipeline stages read 0.91.
 RTOL = 0.15
 
 
-def _flags(tp: int, pp: int, dp: int, microbatches: int, bf16: bool, zero1: bool) -> list[str]:
+def _flags(tp: int, pp: int, dp: int, microbatches: int, bf16: bool, zero1: bool, reference: bool) -> list[str]:
     flags = BASE + ["--global-batch-size", str(2 * dp * microbatches),
                     "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)]
     if tp > 1:
@@ -41,14 +43,16 @@ def _flags(tp: int, pp: int, dp: int, microbatches: int, bf16: bool, zero1: bool
         flags.append("--bf16")
     if zero1:
         flags.append("--use-distributed-optimizer")
+    if reference:
+        flags.append("--no-fused-kernels")
     return flags
 
 
-def measure_rank(tp: int, pp: int, microbatches: int, bf16: bool, zero1: bool) -> dict:
+def measure_rank(tp: int, pp: int, microbatches: int, bf16: bool, zero1: bool, reference: bool = False) -> dict:
     """On one rank (of a gloo world, or the only process): train, return its measured peak and estimate."""
     single = not torch.distributed.is_initialized()
     state = single_process_state() if single else build_parallel_state(tp=tp, pp=pp)
-    cfg = config_from_args(_flags(tp, pp, state.dp_size, microbatches, bf16, zero1))
+    cfg = config_from_args(_flags(tp, pp, state.dp_size, microbatches, bf16, zero1, reference))
     result, peak = memory.measure_peak_cpu_tensor_bytes(lambda: run(cfg, state, log=False))
     est = memory.estimate_for_config(cfg, state.dp_size, state.pp_rank)
     return dict(peak=peak, estimate=est.total, summary=est.summary(), pp_rank=state.pp_rank,
@@ -59,6 +63,8 @@ def measure_rank(tp: int, pp: int, microbatches: int, bf16: bool, zero1: bool) -
 LAYOUTS = [
     ("tp1-fp32", 1, dict(tp=1, pp=1, microbatches=2, bf16=False, zero1=False)),
     ("tp1-bf16", 1, dict(tp=1, pp=1, microbatches=2, bf16=True, zero1=False)),
+    # the pure-PyTorch kernels: their cross-entropy keeps an fp32 softmax beside the logits
+    ("tp1-fp32-reference-kernels", 1, dict(tp=1, pp=1, microbatches=2, bf16=False, zero1=False, reference=True)),
     ("dp2-zero1-bf16", 2, dict(tp=1, pp=1, microbatches=2, bf16=True, zero1=True)),
     ("tp2-sp-fp32", 2, dict(tp=2, pp=1, microbatches=2, bf16=False, zero1=False)),
     ("pp2-1f1b-fp32", 2, dict(tp=1, pp=2, microbatches=4, bf16=False, zero1=False)),
