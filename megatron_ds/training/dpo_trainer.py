@@ -213,8 +213,13 @@ class DPOTrainer(Trainer):
         means = self._means(total)
         self.valid_metrics.append((self.result.iteration, means))
         self.last_eval = EvalResult(loss=means["loss"], tokens=int(total[_PAIRS].item()))  # no bits-per-byte
-        self.logger.info(f"validation at iter {self.result.iteration} | preference accuracy "
-                         f"{means['preference accuracy']:.4f} | reward margin {means['reward margin']:.4f}")
-        for k in ("preference accuracy", "reward margin"):
-            self.logger.scalar(f"validation {k}", means[k], self.result.iteration)
         return means["loss"]
+
+    def log_validation(self, iteration: int, result: EvalResult) -> None:
+        """One line: the DPO loss, preference accuracy and reward margin of the validation pairs."""
+        means = self.valid_metrics[-1][1]
+        self.logger.info(f"validation at iter {iteration} | dpo loss {result.loss:.4f} | preference accuracy "
+                         f"{means['preference accuracy']:.4f} | reward margin {means['reward margin']:.4f}")
+        self.logger.scalar("validation dpo loss", result.loss, iteration)
+        for k in ("preference accuracy", "reward margin"):
+            self.logger.scalar(f"validation {k}", means[k], iteration)

@@ -171,6 +171,15 @@ class Trainer:
         """Evaluations then also report bits-per-byte: the bytes of text each token stands for."""
         self.token_bytes = torch.from_numpy(tokenizer.token_byte_lengths()).to(self.state.device)
 
+    def log_validation(self, iteration: int, result: EvalResult) -> None:
+        """The validation line and its TensorBoard scalars; DPO logs its own metrics instead."""
+        bpb = result.bits_per_byte
+        self.logger.info(f"validation at iter {iteration} | lm loss {result.loss:.4f} | ppl {result.perplexity:.2f}"
+                         + (f" | bits per byte {bpb:.4f}" if bpb is not None else ""))
+        self.logger.scalar("validation lm loss", result.loss, iteration)
+        if bpb is not None:
+            self.logger.scalar("validation bits per byte", bpb, iteration)
+
     def evaluate_dataset(self, dataset, num_batches: int) -> EvalResult:
         """Loss (and bits-per-byte when a tokenizer was set) over the first ``num_batches`` global batches."""
         return evaluate(self.model_chunks, self.state, self._batches(dataset, 0, num_batches),
@@ -216,12 +225,7 @@ class Trainer:
                     res.iteration % t.eval_interval == 0 or res.iteration == t.train_iters):
                 val = self.evaluate()
                 res.eval_losses.append((res.iteration, val))
-                bpb = self.last_eval.bits_per_byte
-                self.logger.info(f"validation at iter {res.iteration} | lm loss {val:.4f} | ppl {self.last_eval.perplexity:.2f}"
-                                 + (f" | bits per byte {bpb:.4f}" if bpb is not None else ""))
-                self.logger.scalar("validation lm loss", val, res.iteration)
-                if bpb is not None:
-                    self.logger.scalar("validation bits per byte", bpb, res.iteration)
+                self.log_validation(res.iteration, self.last_eval)
                 window_start = time.time()  # evaluation time is not training throughput
             if on_step is not None:
                 on_step(res)

@@ -54,7 +54,8 @@ def test_logs_every_metric_on_rank_0(dpo_run):
         # Rank 0 is the first pipeline stage, which computes no loss: these are the last stage's, broadcast.
         assert 0.0 <= got["preference accuracy"] <= 1.0 and got["chosen logps"] < 0 and got["dpo loss"] > 0
         assert got["reward margin"] == pytest.approx(got["chosen reward"] - got["rejected reward"], abs=2e-4)
-    assert "validation at iter 4 | preference accuracy" in proc.stdout
+    assert "validation at iter 4 | dpo loss " in proc.stdout and "| preference accuracy " in proc.stdout
+    assert proc.stdout.count("validation at iter 4") == 1  # one line: no lm loss or perplexity for pairs
     assert "DPO data" in proc.stdout and "96 pairs" in proc.stdout
 
 
