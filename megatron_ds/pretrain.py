@@ -159,6 +159,9 @@ def run(cfg: Config, state: ParallelState, tokenizer=None, log: bool | None = No
     stopped = None
     try:
         start, consumed = ckpts.resume()
+        if start > t.train_iters:  # every rank loaded the same iteration: all raise together
+            raise ConfigError(f"--load {t.load} is at iteration {start}, past --train-iters {t.train_iters}; raise "
+                              f"--train-iters (or --epochs) to train further, or --finetune to start over")
         result = trainer.train(start, consumed, on_step=ckpts.on_step)
     except StopTraining as e:  # every rank agreed at the same step boundary
         stopped, result = e, trainer.result

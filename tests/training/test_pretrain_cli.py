@@ -74,6 +74,15 @@ def test_trains_saves_logs_and_generates(corpus, tmp_path):
     assert "resumed from" in proc.stdout and "iter      7/8" in proc.stdout, proc.stdout
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == "iter_0000008"
 
+    # A checkpoint past --train-iters is a one-line error, and the checkpoints stay as they were.
+    proc = pretrain(TINY + ["--vocab-size", "512", "--train-iters", "5",
+                            "--data-path", str(corpus / "c_text_document"), "--split", "90,10,0",
+                            "--load", str(tmp_path / "ckpt"), "--save", str(tmp_path / "ckpt")])
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: --load {tmp_path / 'ckpt'} is at iteration 8, past --train-iters 5; raise --train-iters (or --epochs) "
+        "to train further, or --finetune to start over"], proc.stderr
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "iter_0000008"
+
 
 def test_tp_that_does_not_divide_heads_is_one_line():
     proc = pretrain(TINY + ["--mock-data", "--tensor-model-parallel-size", "3"], env={"WORLD_SIZE": "3"})
