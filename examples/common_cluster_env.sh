@@ -130,7 +130,8 @@ cluster_launch() {
     cmd=${cmd% }
     echo "plan: $MODEL, launcher $LAUNCHER, $NNODES node(s) x $GPUS_PER_NODE GPUs = world size $WORLD_SIZE"
     echo "layout: TP $TP x PP $PP x DP $DP${SP_ARGS[*]:+, sequence parallel}, ZeRO-1 over DP${SPLIT_ARGS[*]:+ (${SPLIT_ARGS[*]})}"
-    echo "batch: $GLOBAL_BATCH x $SEQ_LENGTH = $TOKENS_PER_STEP tokens/step; micro-batch $MICRO_BATCH -> $NUM_MICROBATCHES micro-batches per DP rank"
+    # BATCH_DESC: scripts whose batch is not sequences (DPO: pairs of two sequences) describe it themselves.
+    echo "batch: ${BATCH_DESC:-$GLOBAL_BATCH x $SEQ_LENGTH = $TOKENS_PER_STEP tokens/step}; micro-batch $MICRO_BATCH -> $NUM_MICROBATCHES micro-batches per DP rank"
     if [[ -n "${SCHEDULE_DESC:-}" ]]; then  # set by scripts whose schedule is not the pre-training one
         echo "schedule: $SCHEDULE_DESC"
     else

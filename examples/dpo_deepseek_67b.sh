@@ -87,6 +87,7 @@ TRAIN_ARGS=(
     "${ARGS[@]}"
 )
 ENTRY_MODULE=megatron_ds.dpo
+BATCH_DESC="$GLOBAL_BATCH pairs = $((2 * GLOBAL_BATCH)) sequences x $SEQ_LENGTH = $((2 * TOKENS_PER_STEP)) tokens/step"
 SCHEDULE_DESC="1 epoch of the pairs (--dpo-epochs 1: steps = ceil(pairs / $GLOBAL_BATCH)); lr $LR, $WARMUP_ITERS warmup, cosine to 0; beta $BETA; reference log-probs $(if [[ "$PRECOMPUTE" == 1 ]]; then echo "precomputed, reference freed"; else echo "every step"; fi)"
 # The planner counts rows: a pair is two.
 DPO_ESTIMATE=${ESTIMATE:-1}
