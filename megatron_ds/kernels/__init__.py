@@ -6,7 +6,7 @@
     apply_rotary_qk    rotary.apply_rotary_qk        fused.apply_rotary_qk (in place)
     swiglu             swiglu.swiglu                 fused.swiglu
     cross_entropy      parallel.cross_entropy.vocab_parallel_cross_entropy
-                                                     parallel.cross_entropy.fused_vocab_parallel_cross_entropy
+                                                     cross_entropy.fused_vocab_parallel_cross_entropy
                                                      (gradient written over the logits)
 
 The model does not read a global switch: it is handed a ``Kernels`` (one of the two sets below)
@@ -54,7 +54,7 @@ def select_kernels(fused: bool = True, device=None) -> Kernels:
     if not f.available() or not f.has_device_kernels(device):
         f.warn_unavailable_once(device)
         return reference_kernels()
-    from megatron_ds.parallel.cross_entropy import fused_vocab_parallel_cross_entropy
+    from megatron_ds.kernels.cross_entropy import fused_vocab_parallel_cross_entropy
 
     return Kernels("fused", f.rms_norm, f.add_rms_norm, f.apply_rotary_qk, f.swiglu, fused_vocab_parallel_cross_entropy)
 

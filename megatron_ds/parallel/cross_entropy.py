@@ -11,10 +11,11 @@ Backward needs only the local softmax: dloss/dz_j = softmax_j - [j == target].
 Two implementations with one contract:
 - ``vocab_parallel_cross_entropy``: pure PyTorch, keeps an fp32 softmax [..., V/tp] for backward
   (the reference, and what ``--no-fused-kernels`` uses);
-- ``fused_vocab_parallel_cross_entropy``: the csrc/ kernels. Forward reads the logits once (bf16
-  or fp32, fp32 math on the fly) for the local max, sum-exp and target logit; Python all-reduces
-  between the passes; backward writes the gradient OVER the logits, in their dtype. Nothing
-  logits-sized is allocated, so the logits must not be used by anything else after this call.
+- ``kernels.cross_entropy.fused_vocab_parallel_cross_entropy``: the csrc/ kernels, which build on
+  this module's argument checks and shard arithmetic. Forward reads the logits once (bf16 or fp32,
+  fp32 math on the fly) for the local max, sum-exp and target logit; Python all-reduces between
+  the passes; backward writes the gradient OVER the logits, in their dtype. Nothing logits-sized
+  is allocated, so the logits must not be used by anything else after that call.
 """
 
 from __future__ import annotations
@@ -23,11 +24,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from megatron_ds.kernels import fused
 from megatron_ds.parallel.topology import group_rank, group_size
 
 
-def _check_args(logits: torch.Tensor, target: torch.Tensor, tp_group, vocab_size: int | None) -> None:
+def check_args(logits: torch.Tensor, target: torch.Tensor, tp_group, vocab_size: int | None) -> None:
     v_padded = logits.shape[-1] * group_size(tp_group)
     if vocab_size is not None and not 0 < vocab_size <= v_padded:
         raise ValueError(f"vocab_size {vocab_size} must be in (0, {v_padded}] "
@@ -36,7 +36,7 @@ def _check_args(logits: torch.Tensor, target: torch.Tensor, tp_group, vocab_size
         raise ValueError(f"target shape {tuple(target.shape)} does not match logits {tuple(logits.shape)}[:-1]")
 
 
-def _vocab_shard(logits: torch.Tensor, tp_group, vocab_size: int | None) -> tuple[int, int, int]:
+def vocab_shard(logits: torch.Tensor, tp_group, vocab_size: int | None) -> tuple[int, int, int]:
     """(V/tp, first global column of this rank, columns of this rank that are real vocabulary)."""
     v_local = logits.shape[-1]
     start = group_rank(tp_group) * v_local
@@ -49,7 +49,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, target, tp_group, vocab_size):
         # logits [..., V/tp] (fp32 or bf16), target [...] int64 global ids.
         tp = group_size(tp_group)
-        v_local, start, n_valid = _vocab_shard(logits, tp_group, vocab_size)
+        v_local, start, n_valid = vocab_shard(logits, tp_group, vocab_size)
 
         # [..., V/tp] fp32 (float64 stays float64, for gradcheck); becomes the softmax in place, saved for backward
         z = logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -107,7 +107,7 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, tp_
     ``vocab_size`` is the true (unpadded) vocabulary: columns at global index >= vocab_size are
     excluded from the softmax and get zero gradient. ``target`` must lie in ``[0, vocab_size)``.
     """
-    _check_args(logits, target, tp_group, vocab_size)
+    check_args(logits, target, tp_group, vocab_size)
     return _VocabParallelCrossEntropy.apply(logits, target, tp_group, vocab_size)
 
 
@@ -120,55 +120,3 @@ def cross_entropy_reference(full_logits: torch.Tensor, target: torch.Tensor,
     full_logits = full_logits.to(torch.promote_types(full_logits.dtype, torch.float32))  # fp32 (float64 stays)
     loss = F.cross_entropy(full_logits.reshape(-1, v), target.reshape(-1), reduction="none")
     return loss.view(target.shape)
-
-
-class _FusedVocabParallelCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, target, tp_group, vocab_size):
-        tp = group_size(tp_group)
-        v_local, start, n_valid = _vocab_shard(logits, tp_group, vocab_size)
-        # target's column on this rank, -1 where another rank owns it: [...] int64
-        local_target = target - start
-        local_target = local_target.masked_fill((local_target < 0) | (local_target >= v_local), -1)
-
-        # Local pass: per row max m_r, sum_j exp(z_j - m_r), z_target (0 when not ours); fp32 [N].
-        local_max, sum_exp, target_logit = fused.ops().ce_fwd_stats(logits, local_target, n_valid)
-        z_max = local_max
-        if tp > 1:
-            z_max = local_max.clone()
-            dist.all_reduce(z_max, op=dist.ReduceOp.MAX, group=tp_group)
-            # Move each rank's sum to the common max before summing: sum_j exp(z_j - M).
-            sum_exp = sum_exp * torch.exp(local_max - z_max)
-            both = torch.stack([sum_exp, target_logit])
-            dist.all_reduce(both, group=tp_group)
-            sum_exp, target_logit = both[0], both[1]
-        lse = z_max + torch.log(sum_exp)  # [N] fp32: log sum_j exp(z_j) over the whole vocabulary
-        loss = (lse - target_logit).view(target.shape)
-
-        ctx.save_for_backward(logits, lse, local_target)
-        ctx.n_valid = n_valid
-        ctx.used = False
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        if ctx.used:
-            raise RuntimeError("fused_vocab_parallel_cross_entropy: backward ran twice (retain_graph); "
-                               "the first backward overwrote the logits with their gradient")
-        ctx.used = True
-        logits, lse, local_target = ctx.saved_tensors
-        # Pass 2, in place: logits <- (exp(z - lse) - onehot) * grad_loss, in the logits' dtype.
-        fused.ops().ce_bwd_(logits, lse, local_target, grad_loss.contiguous(), ctx.n_valid)
-        return logits, None, None, None
-
-
-def fused_vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, tp_group,
-                                       vocab_size: int | None = None) -> torch.Tensor:
-    """``vocab_parallel_cross_entropy`` by the csrc/ kernels, the gradient written over ``logits``.
-
-    Same arguments and result. ``logits`` is consumed: after backward it holds d loss / d logits,
-    so nothing else may need its values (the LM head's output is used only here). Its vocab dim
-    must be contiguous and its rows flattenable to ``[-1, V/tp]``.
-    """
-    _check_args(logits, target, tp_group, vocab_size)
-    return _FusedVocabParallelCrossEntropy.apply(logits, target, tp_group, vocab_size)

@@ -19,10 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from megatron_ds.kernels import fused, reference_kernels  # noqa: E402
 from megatron_ds.kernels.rotary import rotary_cos_sin  # noqa: E402
-from megatron_ds.parallel.cross_entropy import (  # noqa: E402
-    fused_vocab_parallel_cross_entropy,
-    vocab_parallel_cross_entropy,
-)
+from megatron_ds.kernels.cross_entropy import fused_vocab_parallel_cross_entropy  # noqa: E402
+from megatron_ds.parallel.cross_entropy import vocab_parallel_cross_entropy  # noqa: E402
 
 DEV = "cuda"
 

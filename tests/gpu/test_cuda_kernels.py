@@ -11,7 +11,8 @@ from megatron_ds.kernels import fused
 from megatron_ds.kernels.rmsnorm import add_rms_norm, rms_norm
 from megatron_ds.kernels.rotary import apply_rotary_qk, rotary_cos_sin
 from megatron_ds.kernels.swiglu import swiglu
-from megatron_ds.parallel.cross_entropy import fused_vocab_parallel_cross_entropy, vocab_parallel_cross_entropy
+from megatron_ds.kernels.cross_entropy import fused_vocab_parallel_cross_entropy
+from megatron_ds.parallel.cross_entropy import vocab_parallel_cross_entropy
 
 DEV = "cuda"
 DTYPES = [torch.float32, torch.bfloat16]

@@ -22,11 +22,8 @@ from megatron_ds.kernels import fused, reference_kernels, select_kernels
 from megatron_ds.kernels.rmsnorm import add_rms_norm, rms_norm
 from megatron_ds.kernels.rotary import apply_rotary_qk, rotary_cos_sin
 from megatron_ds.kernels.swiglu import swiglu
-from megatron_ds.parallel.cross_entropy import (
-    cross_entropy_reference,
-    fused_vocab_parallel_cross_entropy,
-    vocab_parallel_cross_entropy,
-)
+from megatron_ds.kernels.cross_entropy import fused_vocab_parallel_cross_entropy
+from megatron_ds.parallel.cross_entropy import cross_entropy_reference, vocab_parallel_cross_entropy
 
 assert fused.available(), f"the CPU extension megatron_ds._C_kernels must be built for these tests: {fused.unavailable_reason()}"
 

@@ -4,7 +4,8 @@ F.cross_entropy on the full, unsharded 102400-column vocabulary (the last rank h
 import pytest
 import torch
 
-from megatron_ds.parallel.cross_entropy import cross_entropy_reference, fused_vocab_parallel_cross_entropy
+from megatron_ds.kernels.cross_entropy import fused_vocab_parallel_cross_entropy
+from megatron_ds.parallel.cross_entropy import cross_entropy_reference
 from megatron_ds.parallel.topology import build_parallel_state
 from tests.multiproc import run_world
 from tests.parallel.tp_utils import shard
