@@ -9,7 +9,7 @@
 // Autograd and the fake (meta) implementations are registered from Python in
 // megatron_ds/kernels/_ops.py; the ops here are plain forward / backward kernels.
 //
-// Vectorization: at::vec::Vectorized<float> (AVX2/AVX512 when setup.py passes the ISA flags),
+// Vectorization: at::vec::Vectorized<float> (AVX512 or AVX2 as setup.py's ISA flags choose),
 // bf16 loaded and stored through fp32 vectors; rows split over threads with at::parallel_for.
 
 #include <ATen/ATen.h>
@@ -30,15 +30,37 @@ using Vec = at::vec::Vectorized<float>;
 constexpr int64_t W = Vec::size();
 
 inline Vec load_f(const float* p) { return Vec::loadu(p); }
+inline void store_f(float* p, const Vec& v) { v.store(p); }
+// bf16 <-> fp32 for W bf16 values: ATen's register conversions with one full-width load or store.
+// (at::vec::load_to_float / Vectorized<BFloat16>::store(p, W) move W of a 2W-lane bf16 vector
+// through a stack buffer and memcpy; in the in-place cross-entropy backward that cost more than
+// the exp.) The conversion rounds to nearest even and keeps NaN, as c10::BFloat16 does.
+#if defined(CPU_CAPABILITY_AVX512)
+inline Vec load_f(const BFloat16* p) {
+  __m512 out;
+  at::vec::cvtbf16_fp32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), out);
+  return Vec(out);
+}
+inline void store_f(BFloat16* p, const Vec& v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), at::vec::cvtfp32_bf16(__m512(v)));
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+inline Vec load_f(const BFloat16* p) {
+  __m256 out;
+  at::vec::cvtbf16_fp32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), out);
+  return Vec(out);
+}
+inline void store_f(BFloat16* p, const Vec& v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), at::vec::cvtfp32_bf16(__m256(v)));
+}
+#else
 inline Vec load_f(const BFloat16* p) {
   Vec out;
   at::vec::load_to_float(p, out);
   return out;
 }
-inline void store_f(float* p, const Vec& v) { v.store(p); }
-inline void store_f(BFloat16* p, const Vec& v) {
-  at::vec::convert_from_float<BFloat16>(v, v).store(p, W);
-}
+inline void store_f(BFloat16* p, const Vec& v) { at::vec::convert_from_float<BFloat16>(v, v).store(p, W); }
+#endif
 inline float to_f(float v) { return v; }
 inline float to_f(BFloat16 v) { return static_cast<float>(v); }
 
