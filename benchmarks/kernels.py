@@ -1,12 +1,15 @@
 """Fused CPU kernels against the PyTorch eager compositions they replace: forward + backward time, and
 the cross-entropy's peak memory against the eager fp32 path.
 
-    python benchmarks/kernels.py [--tokens 2048] [--hidden 4096] [--repeats 5]
+    python benchmarks/kernels.py [--tokens 2048] [--hidden 4096] [--repeats 9] [--only swiglu,...]
 
-Shapes are DeepSeek-7B's: hidden 4096, FFN 11008, 32 heads of 128, vocabulary 102400. Eager and fused
-runs alternate (eager, fused, eager, fused, ...; --repeats each after one warm-up of each), so load
-from other jobs on a shared machine hits both alike; times are medians, speedup = median eager /
-median fused (> 1: the kernel is faster), and "paired" is the median of the per-round ratios.
+Shapes are DeepSeek-7B's: hidden 4096, FFN 11008, 32 heads of 128, vocabulary 102400. Eager and
+fused runs alternate (eager, fused, eager, fused, ...; --repeats each after one warm-up of each),
+so load from other jobs on a shared machine hits both alike; times are medians, speedup = median
+eager / median fused (> 1: the kernel is faster), and "paired" is the median of the per-round
+ratios. With ``--cpu-malloc keep`` (the default, as in the trainer's CPU runs) freed memory is
+reused; ``--cpu-malloc default`` puts every large output on fresh pages, whose page faults then
+weigh most on the side that allocates more (eager).
 CE peak memory is measured in a fresh subprocess per variant: the growth of peak RSS (Linux
 VmHWM, reset just before) during one forward + backward on logits that already exist.
 """
@@ -25,6 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_ds.cpu_allocator import keep_freed_memory  # noqa: E402
 from megatron_ds.kernels import fused, reference_kernels  # noqa: E402
 from megatron_ds.kernels.rotary import rotary_cos_sin  # noqa: E402
 from megatron_ds.parallel.cross_entropy import (  # noqa: E402
@@ -163,6 +167,9 @@ def main() -> None:
     p.add_argument("--ce-tokens", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--only", default="", help="comma-separated kernel names to run (default: all)")
+    p.add_argument("--cpu-malloc", choices=("keep", "default"), default="keep",
+                   help="keep: freed memory stays mapped for reuse, as in the trainer's CPU runs "
+                        "(megatron_ds/cpu_allocator.py); default: glibc's, every large tensor on fresh pages")
     p.add_argument("--accumulate", action="store_true",
                    help="backward into leaf .grad (AccumulateGrad) instead of torch.autograd.grad")
     p.add_argument("--ce-peak-child", nargs=4, help=argparse.SUPPRESS)
@@ -171,11 +178,13 @@ def main() -> None:
         impl, tokens, vocab, dtype = args.ce_peak_child
         return ce_peak_child(impl, int(tokens), int(vocab), dtype)
     assert fused.available(), f"build the extension first: {fused.unavailable_reason()}"
+    kept = args.cpu_malloc == "keep" and keep_freed_memory()
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}; tokens {args.tokens}, hidden {args.hidden}, "
           f"ffn {args.ffn}, heads {args.heads}; CE {args.ce_tokens} tokens x vocab {args.vocab}; backward "
-          f"{'into leaf .grad' if args.accumulate else 'by autograd.grad'}, {args.repeats} interleaved repeats")
+          f"{'into leaf .grad' if args.accumulate else 'by autograd.grad'}, {args.repeats} interleaved repeats; malloc "
+          f"{'keeps freed memory' if kept else 'glibc default'}")
     print(f"{'kernel':<14}{'dtype':<10}{'eager ms':>10}{'fused ms':>10}{'speedup':>9}{'paired':>9}")
     for dtype in (torch.float32, torch.bfloat16):
         name = str(dtype).split(".")[-1]

@@ -1,0 +1,44 @@
+"""Keep freed CPU memory for reuse, so a training step stops paying page faults for its activations.
+
+PyTorch's CPU allocator is glibc malloc. glibc serves every block above its mmap threshold (at
+most 32 MiB) with a fresh mmap and unmaps it on free, so each step's activations, gradients and
+kernel outputs - tensors of tens to hundreds of MiB - arrive as untouched pages and the first
+write to each 4 KiB page is a page fault that zeroes it. Measured on the 2-core development
+machine: one bf16 step of a 7B-shaped layer at 1024 tokens takes ~220k minor faults, and writing
+a fresh 180 MiB tensor costs ~7x writing the same bytes into reused memory (275 vs 39 ms).
+
+``keep_freed_memory()`` tells glibc to serve large blocks from its heap too (M_MMAP_MAX = 0) and
+to return freed heap to the OS only past 2 GiB of free top (M_TRIM_THRESHOLD): from the second
+step on, the same sizes are handed back from memory that is already mapped, and the step takes
+almost no faults. It is what a CUDA caching allocator does for GPU memory. The cost: the process
+keeps its peak heap (it does not shrink between steps), and a long-lived small block at the top
+of the heap can pin freed memory below it. Set MEGATRON_DS_CPU_MALLOC=default to leave glibc as is.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+_M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
+_M_MMAP_MAX = -4
+_TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: keep up to 2 GiB of free heap top
+
+
+def keep_freed_memory() -> bool:
+    """Serve large CPU allocations from glibc's heap and keep freed memory mapped; True if applied.
+
+    No effect (False) where the C library is not glibc or MEGATRON_DS_CPU_MALLOC=default. Call it
+    before the first step: blocks mapped before it stay mmapped until freed.
+    """
+    if os.environ.get("MEGATRON_DS_CPU_MALLOC", "") == "default":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    # mallopt returns 1 on success, 0 on error.
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
