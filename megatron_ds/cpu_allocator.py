@@ -8,8 +8,7 @@ machine: one bf16 step of a 7B-shaped layer at 1024 tokens takes ~220k minor fau
 a fresh 180 MiB tensor costs ~7x writing the same bytes into reused memory (275 vs 39 ms).
 
 ``keep_freed_memory()`` tells glibc to serve large blocks from its heap too (M_MMAP_MAX = 0) and
-to return freed heap to the OS only past 2 GiB of free top (M_TRIM_THRESHOLD): from the second
-step on, the same sizes are handed back from memory that is already mapped, and the step takes
+never to return freed heap to the OS (M_TRIM_THRESHOLD = -1, mallopt(3)): from the second step on, the same sizes are handed back from memory that is already mapped, and the step takes
 almost no faults. It is what a CUDA caching allocator does for GPU memory. The cost: the process
 keeps its peak heap (it does not shrink between steps), and a long-lived small block at the top
 of the heap can pin freed memory below it. Set MEGATRON_DS_CPU_MALLOC=default to leave glibc as is.
@@ -23,7 +22,7 @@ import os
 
 _M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
 _M_MMAP_MAX = -4
-_TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: keep up to 2 GiB of free heap top
+_NEVER_TRIM = -1  # mallopt(3): "Setting M_TRIM_THRESHOLD to -1 disables trimming completely"
 
 
 def keep_freed_memory() -> bool:
@@ -41,4 +40,4 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # mallopt returns 1 on success, 0 on error.
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM))
