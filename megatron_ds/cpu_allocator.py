@@ -8,10 +8,14 @@ machine: one bf16 step of a 7B-shaped layer at 1024 tokens takes ~220k minor fau
 a fresh 180 MiB tensor costs ~7x writing the same bytes into reused memory (275 vs 39 ms).
 
 ``keep_freed_memory()`` tells glibc to serve large blocks from its heap too (M_MMAP_MAX = 0) and
-never to return freed heap to the OS (M_TRIM_THRESHOLD = -1, mallopt(3)): from the second step on, the same sizes are handed back from memory that is already mapped, and the step takes
-almost no faults. It is what a CUDA caching allocator does for GPU memory. The cost: the process
-keeps its peak heap (it does not shrink between steps), and a long-lived small block at the top
-of the heap can pin freed memory below it. Set MEGATRON_DS_CPU_MALLOC=default to leave glibc as is.
+never to return freed heap to the OS (M_TRIM_THRESHOLD = -1, mallopt(3)): after a warm-up step
+or two the same sizes are handed back from memory that is already mapped, and a step takes almost
+no faults (measured: 0 instead of ~250k, the step ~6% faster on an idle machine, more under load).
+It is what a CUDA caching allocator does for GPU memory. The cost: the process holds its peak
+heap between steps (that 1024-token step: 2.8 GB resident between steps instead of 1.6 GB; the
+peak within a step is the same), and freed blocks that do not coalesce can make the heap grow
+past the peak for the first steps before it settles. MEGATRON_DS_CPU_MALLOC=default leaves glibc
+as is.
 """
 
 from __future__ import annotations
