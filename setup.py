@@ -25,19 +25,28 @@ def _sources(pattern: str) -> list[str]:
 
 
 def _cpu_isa_flags() -> list[str]:
-    """Compile at::vec::Vectorized for AVX2 when this machine has it (the build runs where the code will).
+    """Compile at::vec::Vectorized for the widest ISA that both this machine and torch vectorize for.
 
-    Without a CPU_CAPABILITY macro an extension gets ATen's generic scalar Vectorized. AVX2 (not
-    AVX512) is the widest ISA every x86 CPU torch vectorizes for has; MEGATRON_DS_CPU_ISA=default
-    turns it off for a portable build.
+    The build runs where the code will. Without a CPU_CAPABILITY macro an extension gets ATen's
+    generic scalar Vectorized. AVX512 where torch's own kernels run AVX512 here (its eager ops,
+    which ours are measured against, then use the same vector width; on bf16 kernels, which are
+    bound by the fp32 <-> bf16 conversions and exp, not memory, it halves the instructions), else
+    AVX2. MEGATRON_DS_CPU_ISA=avx2 caps it at AVX2 (for a build run elsewhere than the machine that
+    builds it); MEGATRON_DS_CPU_ISA=default turns vectorization off for a portable build.
     """
     import platform
 
     import torch
 
-    if os.environ.get("MEGATRON_DS_CPU_ISA", "") == "default" or platform.machine() not in ("x86_64", "AMD64"):
+    isa = os.environ.get("MEGATRON_DS_CPU_ISA", "")
+    if isa == "default" or platform.machine() not in ("x86_64", "AMD64"):
         return []
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability == "AVX512" and isa != "avx2":
+        # torch's own AVX512 flags (cmake/Codegen.cmake), with F16C for the half conversions.
+        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+    if capability not in ("AVX2", "AVX512"):
         return []
     return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
 

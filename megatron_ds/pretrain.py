@@ -17,6 +17,7 @@ from megatron_ds.checkpoint.format import CheckpointError
 from megatron_ds.checkpoint.preemption import StopTraining
 from megatron_ds.checkpoint.run_checkpoints import RunCheckpoints
 from megatron_ds.config import Config, ConfigError, config_from_args, count_parameters, validate
+from megatron_ds.cpu_allocator import keep_freed_memory
 from megatron_ds.data.errors import DataError
 from megatron_ds.parallel.random import model_parallel_manual_seed
 from megatron_ds.parallel.topology import (
@@ -199,6 +200,8 @@ def launch(argv, config_cls, prog: str, check_inputs, run_fn) -> int:
         check_inputs(cfg)
         tokenizer = load_tokenizer(cfg)
         device = initialize_distributed()
+        if device.type == "cpu":
+            keep_freed_memory()  # steps reuse freed activations' pages instead of re-faulting them
         state = build_parallel_state(cfg.parallel.tensor_model_parallel_size,
                                      cfg.parallel.pipeline_model_parallel_size, device=device)
         run_fn(cfg, state, tokenizer)

@@ -125,6 +125,20 @@ def test_swiglu_forward_backward(shape, dtype):
     assert_matches(xf.grad, xr.grad)
 
 
+def test_swiglu_saturates_like_silu_for_large_gates():
+    # exp(-g) overflows float for g < -88.7 and underflows for g > 87.3: the kernel's fast exp clamps
+    # there (a huge finite value, 0), so silu still goes to -0 and to g, and the gradient to 0 and 1.
+    gate = torch.tensor([-1000.0, -120.0, -90.0, -88.0, -20.0, 0.0, 20.0, 88.0, 90.0, 120.0, 1000.0] * 3)
+    x = torch.cat([gate, torch.full_like(gate, 0.5)]).view(1, -1)
+    (xf,), (xr,) = leaves(x), leaves(x)
+    yf, yr = fused.swiglu(xf), swiglu(xr)
+    assert_matches(yf, yr)
+    yf.sum().backward()
+    yr.sum().backward()
+    assert_matches(xf.grad, xr.grad)
+    assert torch.isfinite(xf.grad).all()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,vocab,valid", [(1, 102400, 102400), (6, 102400, 102387), (5, 37, 30)],
                          ids=["one-token-v102400", "v102400-padded", "v37-padded"])
@@ -150,6 +164,28 @@ def test_cross_entropy_forward_backward_in_place(rows, vocab, valid, dtype):
     assert y.grad.dtype == dtype
     assert_matches(y.grad, ref_logits.grad)
     assert torch.all(y.grad[..., valid:] == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cross_entropy_running_max_rises_in_every_chunk(dtype):
+    # The forward finds max and sum-exp online, chunk by chunk (4096 logits in the kernel). Logits
+    # that increase along the vocab raise the running max in every chunk, so the sum so far is
+    # rescaled at each boundary; a decreasing row never rescales. The tail is not a whole vector.
+    v = 3 * 4096 + 77
+    ramp = torch.linspace(-40.0, 40.0, v)
+    logits = torch.stack([ramp, ramp.flip(0)]).view(2, 1, v).to(dtype)
+    target = torch.tensor([[v - 1], [5]])
+    loss = fused_vocab_parallel_cross_entropy(logits.clone(), target, None)
+    torch.testing.assert_close(loss, cross_entropy_reference(logits, target), rtol=1e-5, atol=1e-5)  # fp32 math both
+
+
+def test_cross_entropy_nan_logit_gives_nan_loss():
+    # A NaN must not vanish in the online max (NaN compares false) or in the fast exp: the step's
+    # loss has to show it.
+    logits = torch.randn(3, 1, 5000)
+    logits[1, 0, 4500] = float("nan")
+    loss = fused_vocab_parallel_cross_entropy(logits, torch.tensor([[0], [1], [2]]), None)
+    assert torch.isnan(loss[1]).all() and torch.isfinite(loss[[0, 2]]).all()
 
 
 def test_cross_entropy_equals_f_cross_entropy_in_fp32():

@@ -9,7 +9,7 @@
 // Autograd and the fake (meta) implementations are registered from Python in
 // megatron_ds/kernels/_ops.py; the ops here are plain forward / backward kernels.
 //
-// Vectorization: at::vec::Vectorized<float> (AVX2/AVX512 when setup.py passes the ISA flags),
+// Vectorization: at::vec::Vectorized<float> (AVX512 or AVX2 as setup.py's ISA flags choose),
 // bf16 loaded and stored through fp32 vectors; rows split over threads with at::parallel_for.
 
 #include <ATen/ATen.h>
@@ -30,20 +30,51 @@ using Vec = at::vec::Vectorized<float>;
 constexpr int64_t W = Vec::size();
 
 inline Vec load_f(const float* p) { return Vec::loadu(p); }
+inline void store_f(float* p, const Vec& v) { v.store(p); }
+// bf16 <-> fp32 for W bf16 values: ATen's register conversions with one full-width load or store.
+// (at::vec::load_to_float / Vectorized<BFloat16>::store(p, W) move W of a 2W-lane bf16 vector
+// through a stack buffer and memcpy; in the in-place cross-entropy backward that cost more than
+// the exp.) The conversion rounds to nearest even and keeps NaN, as c10::BFloat16 does.
+#if defined(CPU_CAPABILITY_AVX512)
+inline Vec load_f(const BFloat16* p) {
+  __m512 out;
+  at::vec::cvtbf16_fp32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), out);
+  return Vec(out);
+}
+inline void store_f(BFloat16* p, const Vec& v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), at::vec::cvtfp32_bf16(__m512(v)));
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+inline Vec load_f(const BFloat16* p) {
+  __m256 out;
+  at::vec::cvtbf16_fp32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), out);
+  return Vec(out);
+}
+inline void store_f(BFloat16* p, const Vec& v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), at::vec::cvtfp32_bf16(__m256(v)));
+}
+#else
 inline Vec load_f(const BFloat16* p) {
   Vec out;
   at::vec::load_to_float(p, out);
   return out;
 }
-inline void store_f(float* p, const Vec& v) { v.store(p); }
-inline void store_f(BFloat16* p, const Vec& v) {
-  at::vec::convert_from_float<BFloat16>(v, v).store(p, W);
-}
+inline void store_f(BFloat16* p, const Vec& v) { at::vec::convert_from_float<BFloat16>(v, v).store(p, W); }
+#endif
 inline float to_f(float v) { return v; }
 inline float to_f(BFloat16 v) { return static_cast<float>(v); }
 
 // Rows per parallel_for chunk: about 32k elements of work each.
 inline int64_t grain_rows(int64_t row_len) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row_len)); }
+
+// exp for the elementwise hot loops (SwiGLU, cross-entropy): ATen's inlined polynomial exp_u20, the
+// one its own CPU softmax and flash-attention kernels use. Vec::exp() is an out-of-line call to
+// Sleef_expf8_u10 that costs about 3x as much per vector, and these kernels do little else per
+// element, so it set their speed. Relative error about 1e-6 (measured; u20 = 20 ulp bound),
+// below the 1e-5 the fp32 tests allow and far below bf16's 2^-8. Inputs below ln(FLT_MIN) give 0,
+// above ln(FLT_MAX) a huge finite value (so 1 / (1 + exp(-g)) still goes to 0, not NaN). exp_u20
+// clamps NaN to a finite value; the blend gives NaN back, so a NaN input still poisons the result.
+inline Vec fast_exp(const Vec& v) { return Vec::blendv(v.exp_u20(), v, v != v); }
 
 void check_float_or_bf16(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16,
@@ -329,7 +360,7 @@ at::Tensor swiglu_fwd_cpu(const at::Tensor& gu_in) {
         int64_t i = 0;
         for (; i + W <= f; i += W) {
           Vec gv = load_f(g + i);
-          store_f(o + i, gv / (one + gv.neg().exp()) * load_f(u + i));
+          store_f(o + i, gv / (one + fast_exp(gv.neg())) * load_f(u + i));
         }
         for (; i < f; ++i) {
           float gv = to_f(g[i]);
@@ -364,7 +395,7 @@ at::Tensor swiglu_bwd_cpu(const at::Tensor& dout_in, const at::Tensor& gu_in) {
         int64_t i = 0;
         for (; i + W <= f; i += W) {
           Vec gv = load_f(g + i), uv = load_f(u + i), dv = load_f(dor + i);
-          Vec sig = one / (one + gv.neg().exp());
+          Vec sig = one / (one + fast_exp(gv.neg()));
           Vec silu = gv * sig;
           store_f(dg + i, dv * uv * sig * (one + gv * (one - sig)));
           store_f(du + i, dv * silu);
@@ -387,11 +418,15 @@ at::Tensor swiglu_bwd_cpu(const at::Tensor& dout_in, const at::Tensor& gu_in) {
 // target_local [N] int64: the target's column on this rank, or -1 when another rank owns it.
 //
 // ce_fwd_stats: per row, the local max m, sum_j exp(z_j - m) and the target logit z_t (0 if
-//   not owned). Two sweeps over the row, the second from cache: one read of the logits from memory.
+//   not owned). One sweep over the row, max and sum-exp online per L1-sized chunk: one read of
+//   the logits from memory.
 // (Python: all-reduce MAX of m; rescale the sums to the global max; all-reduce SUM of sums and
 //  target logits; lse = m + log(sum).)
 // ce_bwd_: over the logits in place, z_j <- (exp(z_j - lse) - [j == t]) * grad_loss, in the
 //   logits' dtype: the gradient needs no buffer of its own.
+
+// Logits per online-softmax chunk in ce_fwd_stats: 16 KB of fp32, well inside L1.
+constexpr int64_t kCeChunk = 4096;
 
 at::Tensor rows_view(const at::Tensor& logits) {
   TORCH_CHECK(logits.stride(-1) == 1, "cross_entropy: the logits' vocab dim must be contiguous");
@@ -417,19 +452,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_fwd_stats_cpu(const at::Tensor
     at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* zr = zp + r * rs;
-        Vec vm(ninf);
-        int64_t i = 0;
-        for (; i + W <= n_valid; i += W) vm = at::vec::maximum(vm, load_f(zr + i));
-        float m = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vm);
-        for (; i < n_valid; ++i) m = std::max(m, to_f(zr[i]));
+        // Online max and sum-exp over chunks small enough to stay in L1: the chunk's max first,
+        // then, if it raised the running max m, the sum so far is moved to the new max
+        // (s *= exp(m_old - m_new), one scalar exp per chunk), then the chunk's exps are summed
+        // from L1. One read of the row from memory, one exp per logit.
+        float m = ninf, s = 0.f;
+        for (int64_t c0 = 0; c0 < n_valid; c0 += kCeChunk) {
+          const int64_t c1 = std::min(n_valid, c0 + kCeChunk);
+          Vec vm0(ninf), vm1(ninf);  // two chains: maximum's latency, not its throughput, would bound one
+          int64_t i = c0;
+          for (; i + 2 * W <= c1; i += 2 * W) {
+            vm0 = at::vec::maximum(vm0, load_f(zr + i));
+            vm1 = at::vec::maximum(vm1, load_f(zr + i + W));
+          }
+          for (; i + W <= c1; i += W) vm0 = at::vec::maximum(vm0, load_f(zr + i));
+          float cm = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); },
+                                                    at::vec::maximum(vm0, vm1));
+          for (; i < c1; ++i) cm = std::max(cm, to_f(zr[i]));
+          if (!(cm <= m)) {  // a higher max, or NaN: then s becomes NaN and stays NaN, as in eager
+            s *= std::exp(m - cm);  // m = -inf on the first chunk: s = 0 * 0
+            m = cm;
+          }
+          if (m == ninf) continue;  // every logit so far is -inf: they add exp(-inf) = 0
+          const Vec vmx(m);
+          Vec acc0(0.f), acc1(0.f);
+          for (i = c0; i + 2 * W <= c1; i += 2 * W) {
+            acc0 = acc0 + fast_exp(load_f(zr + i) - vmx);
+            acc1 = acc1 + fast_exp(load_f(zr + i + W) - vmx);
+          }
+          for (; i + W <= c1; i += W) acc0 = acc0 + fast_exp(load_f(zr + i) - vmx);
+          float cs = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc0 + acc1);
+          for (; i < c1; ++i) cs += std::exp(to_f(zr[i]) - m);
+          s += cs;
+        }
         // A row with no valid column (n_valid == 0 on this rank) contributes sum 0 at max -inf;
-        // use 0 as its max so the rescale exp(m - m_global) below stays finite.
+        // use 0 as its max so the rescale exp(m - m_global) in Python stays finite.
         if (n_valid == 0) m = 0.f;
-        const Vec vmx(m);
-        Vec acc(0.f);
-        for (i = 0; i + W <= n_valid; i += W) acc = acc + (load_f(zr + i) - vmx).exp();
-        float s = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
-        for (; i < n_valid; ++i) s += std::exp(to_f(zr[i]) - m);
         mp[r] = m;
         sp[r] = s;
         const int64_t t = tp[r];
@@ -462,7 +520,7 @@ void ce_bwd_cpu(at::Tensor logits, const at::Tensor& lse_in, const at::Tensor& t
         // Read the target logit's softmax before the row is overwritten.
         float p_t = (t >= 0 && t < n_valid) ? std::exp(to_f(zr[t]) - l) : 0.f;
         int64_t i = 0;
-        for (; i + W <= n_valid; i += W) store_f(zr + i, (load_f(zr + i) - vl).exp() * vg);
+        for (; i + W <= n_valid; i += W) store_f(zr + i, fast_exp(load_f(zr + i) - vl) * vg);
         for (; i < n_valid; ++i) zr[i] = static_cast<scalar_t>(std::exp(to_f(zr[i]) - l) * g);
         for (; i < v; ++i) zr[i] = static_cast<scalar_t>(0.f);
         if (t >= 0 && t < n_valid) zr[t] = static_cast<scalar_t>((p_t - 1.f) * g);
