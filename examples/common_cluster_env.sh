@@ -1,9 +1,11 @@
 # shellcheck shell=bash
-# Shared by examples/pretrain_deepseek_{7b,67b}.sh (sourced, not run): the NCCL / InfiniBand environment,
-# where the job runs (SLURM or plain torchrun), path checks, the dry-run plan and the launch.
+# Shared by examples/{pretrain_deepseek_7b,pretrain_deepseek_67b,sft_deepseek_7b,dpo_deepseek_67b}.sh (sourced,
+# not run): the NCCL / InfiniBand environment, where the job runs (SLURM or plain torchrun), the script's
+# own arguments, path checks, the dry-run plan and the launch.
 #
-# The model scripts set before sourcing: MODEL, NUM_LAYERS, GLOBAL_BATCH, SEQ_LENGTH, LR and the layout
-# defaults TP, PP; they call `cluster_main "$@"` after building TRAIN_ARGS.
+# A script sources this, calls `parse_script_args "$@"`, sets MODEL, NUM_LAYERS, GLOBAL_BATCH, SEQ_LENGTH,
+# LR and the layout defaults TP, PP, then either `pretrain_with_paper_recipe` or builds TRAIN_ARGS itself
+# and calls `cluster_launch` (ENTRY_MODULE, SCHEDULE_DESC and BATCH_DESC describe a fine-tuning run).
 
 # ---- NCCL and InfiniBand ------------------------------------------------------------------------------
 # Each can be overridden from the environment; site-specific ones are only exported when given.
@@ -118,6 +120,17 @@ require_env() {
         [[ "$DRY_RUN" == 1 ]] || die "$name is not set: export $name=<$what>, or DRY_RUN=1 to print the plan"
         printf -v "$name" '%s' "/unset/$name"
     fi
+}
+
+# ---- the launch script's own arguments ------------------------------------------------------------
+# --dry-run (or DRY_RUN=1) prints the plan and exits; every other argument is passed to the trainer.
+parse_script_args() {
+    DRY_RUN=${DRY_RUN:-0}
+    ARGS=()
+    local a
+    for a in "$@"; do
+        if [[ "$a" == --dry-run ]]; then DRY_RUN=1; else ARGS+=("$a"); fi
+    done
 }
 
 # ---- plan and launch ------------------------------------------------------------------------------------

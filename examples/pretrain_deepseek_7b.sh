@@ -29,17 +29,13 @@
 #SBATCH --output=logs/%x-%j.out
 set -euo pipefail
 
-DRY_RUN=${DRY_RUN:-0}
-ARGS=()
-for a in "$@"; do
-    if [[ "$a" == --dry-run ]]; then DRY_RUN=1; else ARGS+=("$a"); fi
-done
 # sbatch runs a copy of this file from its spool directory: find the repo from where it was submitted.
 REPO_DIR=${REPO_DIR:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}
 cd "$REPO_DIR" || exit 2
 [[ -f examples/common_cluster_env.sh ]] || { echo "error: $REPO_DIR is not the megatron-ds repo; set REPO_DIR" >&2; exit 2; }
 # shellcheck source=examples/common_cluster_env.sh
 source examples/common_cluster_env.sh
+parse_script_args "$@"   # DRY_RUN, and ARGS: the extra trainer flags
 
 MODEL=deepseek-7b
 NUM_LAYERS=30
