@@ -4,7 +4,8 @@
 # own arguments, path checks, the dry-run plan and the launch.
 #
 # A script sources this, calls `parse_script_args "$@"`, sets MODEL, NUM_LAYERS, GLOBAL_BATCH, SEQ_LENGTH,
-# LR and the layout defaults TP, PP, then either `pretrain_with_paper_recipe` or builds TRAIN_ARGS itself
+# LR and the layout defaults TP, PP, then either `pretrain_with_paper_recipe`, or `resolve_cluster`,
+# `resolve_layout`, its own TRAIN_ARGS
 # and calls `cluster_launch` (ENTRY_MODULE, SCHEDULE_DESC and BATCH_DESC describe a fine-tuning run).
 
 # ---- NCCL and InfiniBand ------------------------------------------------------------------------------
