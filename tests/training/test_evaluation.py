@@ -1,12 +1,13 @@
 """Validation and tools/evaluate.py: loss per token and bits-per-byte, against the text's own byte counts."""
 
+import contextlib
+import io
 import json
 import math
 import os
 
 import numpy as np
 import pytest
-import torch
 
 from megatron_ds.config import config_from_args
 from megatron_ds.data.indexed_dataset import IndexedDataset
@@ -54,7 +55,11 @@ def setup(tmp_path_factory):
         "--train-iters", "12", "--lr", "3e-3", "--data-path", str(d / "train_text_document"), "--split", "90,10,0",
         "--tokenizer-model", tok, "--eval-interval", "6", "--eval-iters", "2", "--log-interval", "6",
         "--save", str(d / "ckpt"), "--no-async-save", "--no-fused-kernels"])
-    return d, tok, docs, cfg
+    # The run every test reads: its log (validation lines) and its checkpoint (for tools/evaluate.py).
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        result = run(cfg, single_process_state(), build_tokenizer(tok), log=True)
+    return d, tok, docs, (result, log.getvalue())
 
 
 def test_token_byte_lengths_are_the_utf8_bytes_of_each_document(setup):
@@ -66,10 +71,8 @@ def test_token_byte_lengths_are_the_utf8_bytes_of_each_document(setup):
         assert lengths[t.encode(text) + [t.eod]].sum() == len(text.encode("utf-8"))
 
 
-def test_validation_logs_bits_per_byte(setup, capsys):
-    d, tok, docs, cfg = setup
-    result = run(cfg, single_process_state(), build_tokenizer(tok), log=True)
-    out = capsys.readouterr().out
+def test_validation_logs_bits_per_byte(setup):
+    d, tok, docs, (result, out) = setup
     lines = [ln for ln in out.splitlines() if ln.startswith("validation at iter")]
     assert len(lines) == 2 and all("bits per byte" in ln for ln in lines), out
     # The line's bits-per-byte is its loss in bits over the bytes of the scored tokens; the bytes per token
