@@ -13,20 +13,18 @@ import sys
 import torch
 import torch.distributed as dist
 
-from megatron_ds.checkpoint.format import CheckpointError
 from megatron_ds.checkpoint.preemption import StopTraining
 from megatron_ds.checkpoint.run_checkpoints import RunCheckpoints
+from megatron_ds.cli import run_command
 from megatron_ds.config import Config, ConfigError, config_from_args, count_parameters, validate
 from megatron_ds.cpu_allocator import keep_freed_memory
 from megatron_ds.data.errors import DataError
 from megatron_ds.parallel.random import model_parallel_manual_seed
 from megatron_ds.parallel.topology import (
-    ParallelState, TopologyError, build_parallel_state, initialize_distributed,
+    ParallelState, build_parallel_state, initialize_distributed,
 )
 from megatron_ds.training.logger import RunLogger
 from megatron_ds.training.trainer import Trainer, TrainResult
-
-USER_ERRORS = (ConfigError, DataError, TopologyError, CheckpointError)
 
 
 def build_model(cfg: Config, state: ParallelState) -> torch.nn.Module | list[torch.nn.Module]:
@@ -193,7 +191,7 @@ def launch(argv, config_cls, prog: str, check_inputs, run_fn) -> int:
     """The process around a run, shared by pretrain, sft and dpo: parse, check what can be checked
     before any process group exists (``check_inputs(cfg)``), initialize, ``run_fn(cfg, state, tokenizer)``;
     a user error is one line on stderr (rank 0) and exit code 2."""
-    try:
+    def body() -> None:
         cfg = config_from_args(argv, config_cls, prog)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         validate(cfg, world)
@@ -205,14 +203,8 @@ def launch(argv, config_cls, prog: str, check_inputs, run_fn) -> int:
         state = build_parallel_state(cfg.parallel.tensor_model_parallel_size,
                                      cfg.parallel.pipeline_model_parallel_size, device=device)
         run_fn(cfg, state, tokenizer)
-    except USER_ERRORS as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+
+    return run_command(body)
 
 
 def cli() -> None:

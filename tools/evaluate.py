@@ -28,12 +28,10 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from megatron_ds.checkpoint.format import CheckpointError  # noqa: E402
+from megatron_ds.cli import run_command  # noqa: E402
 from megatron_ds.config import ConfigError, model_preset  # noqa: E402
 from megatron_ds.data.errors import DataError  # noqa: E402
 from megatron_ds.parallel.topology import TopologyError  # noqa: E402
-
-USER_ERRORS = (ConfigError, DataError, TopologyError, CheckpointError)
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tools/evaluate.py", description=__doc__.splitlines()[0])
@@ -156,19 +154,14 @@ def write_json(path: str, results: list[dict]) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def body() -> None:
         config, seq, tok = check_inputs(args)
         results = run(args, config, seq, tok)
         if args.output_json and dist.get_rank() == 0:
             write_json(args.output_json, results)
-    except USER_ERRORS as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

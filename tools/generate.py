@@ -26,13 +26,11 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from megatron_ds.checkpoint.format import CheckpointError  # noqa: E402
+from megatron_ds.cli import run_command  # noqa: E402
 from megatron_ds.config import ConfigError, ModelConfig, config_from_args  # noqa: E402
 from megatron_ds.data.errors import DataError  # noqa: E402
 from megatron_ds.inference import SamplingParams  # noqa: E402
 from megatron_ds.parallel.topology import TopologyError  # noqa: E402
-
-USER_ERRORS = (ConfigError, DataError, TopologyError, CheckpointError)
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tools/generate.py", description=__doc__.splitlines()[0])
@@ -164,7 +162,8 @@ def run(args, tok_path: str) -> None:
 def main(argv=None) -> int:
     args, rest = build_parser().parse_known_args(argv)
     args.arch_flags = rest  # the architecture flags, read only for a checkpoint without a config
-    try:
+
+    def body() -> None:
         try:  # the sampling flags' own checks raise ValueError naming the flag
             SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
         except ValueError as e:
@@ -172,14 +171,8 @@ def main(argv=None) -> int:
         tok = check_inputs(args)
         read_prompts(args)
         run(args, tok)
-    except USER_ERRORS as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,6 @@ from megatron_ds.optim.lr_schedule import LRSchedule
 from megatron_ds.parallel.layers import allreduce_tp_replicated_grads
 from megatron_ds.parallel.topology import ParallelState
 from megatron_ds.training.evaluation import EvalResult, evaluate, global_batches, global_count, reduce_loss
-from megatron_ds.training.evaluation import to_device as _to_device  # noqa: F401 (dpo_trainer's batches)
 from megatron_ds.training.logger import RunLogger
 from megatron_ds.training.schedules import TOKEN_MEAN, LossFunc, forward_backward
 
