@@ -22,16 +22,14 @@ import gc
 from typing import Optional, Sequence
 
 import torch
-import torch.distributed as dist
 
 from megatron_ds import memory
 from megatron_ds.config import Config
 from megatron_ds.data.dpo_dataset import DPODataset, collate_pairs
-from megatron_ds.data.sampler import MegatronPretrainingSampler
-from megatron_ds.parallel.topology import ParallelState, group_size
+from megatron_ds.parallel.topology import ParallelState
 from megatron_ds.training.dpo_loss import METRICS, DPOLoss, ReferenceLogps
 from megatron_ds.training.logger import RunLogger
-from megatron_ds.training.evaluation import EvalResult
+from megatron_ds.training.evaluation import EvalResult, global_batches, reduce_from_last_stage
 from megatron_ds.training.evaluation import to_device as _to_device
 from megatron_ds.training.schedules import forward_backward
 from megatron_ds.training.trainer import Trainer
@@ -81,14 +79,8 @@ class DPOTrainer(Trainer):
 
     def _batches(self, dataset, consumed: int, count: int):
         """Like Trainer._batches, a sample being one pair: micro-batches of 2 x --micro-batch-size rows."""
-        t, s = self.cfg.training, self.state
-        sampler = MegatronPretrainingSampler(
-            total_samples=len(dataset), consumed_samples=consumed, micro_batch_size=t.micro_batch_size,
-            data_parallel_rank=s.dp_rank, data_parallel_size=s.dp_size)
-        it = iter(sampler)
-        for _ in range(count):
-            yield [_to_device(collate_pairs([dataset[i] for i in next(it)]), s.device)
-                   for _ in range(self.num_microbatches)]
+        return global_batches(dataset, self.state, self.cfg.training.micro_batch_size, self.num_microbatches,
+                              count, consumed, collate_fn=collate_pairs)
 
     # -- the reference model ----------------------------------------------------------------
 
@@ -137,7 +129,7 @@ class DPOTrainer(Trainer):
                     keep = idx >= 0
                     chosen, rejected = mb["ref_logps"].view(2, -1)
                     table[idx[keep], 0], table[idx[keep], 1] = chosen[keep], rejected[keep]
-            self._reduce(table)
+            table = reduce_from_last_stage(table, s)
             pairs.ref_logps = table.cpu().numpy()
         self.reference_chunks = None
         self.flops_per_token = self._train_flops_per_token * 2
@@ -153,20 +145,12 @@ class DPOTrainer(Trainer):
         self.loss_func.reset()
         return super()._forward_backward(micro_batches)
 
-    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """In place: SUM over DP, then the last stage's value to every stage (what _reduce_loss does)."""
-        if group_size(self.state.dp_group) > 1:
-            dist.all_reduce(x, group=self.state.dp_group)
-        if group_size(self.state.pp_group) > 1:
-            dist.broadcast(x, src=self.state.pp_ranks[-1], group=self.state.pp_group)
-        return x
-
     def _global_metrics(self) -> torch.Tensor:
         """This step's metric sums (METRICS + pair count) over the global batch, on every rank."""
         sums = self.loss_func.sums
         x = (torch.zeros(len(METRICS) + 1, dtype=torch.float64, device=self.state.device) if sums is None
              else sums.to(self.state.device))
-        return self._reduce(x).cpu()
+        return reduce_from_last_stage(x, self.state).cpu()
 
     @staticmethod
     def _means(sums: torch.Tensor) -> dict[str, float]:

@@ -50,15 +50,16 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def global_batches(dataset, state: ParallelState, micro_batch_size: int, num_microbatches: int, count: int,
-                   consumed: int = 0) -> Iterator[list[dict]]:
+                   consumed: int = 0, collate_fn=collate) -> Iterator[list[dict]]:
     """``count`` global batches from sample ``consumed`` on: each a list of this DP rank's
-    ``num_microbatches`` collated micro-batches (Megatron's sampler order), on the rank's device."""
+    ``num_microbatches`` micro-batches, ``collate_fn`` of their samples (Megatron's sampler order; DPO
+    collates a pair into two rows), on the rank's device."""
     sampler = MegatronPretrainingSampler(total_samples=len(dataset), consumed_samples=consumed,
                                          micro_batch_size=micro_batch_size, data_parallel_rank=state.dp_rank,
                                          data_parallel_size=state.dp_size)
     it = iter(sampler)
     for _ in range(count):
-        yield [to_device(collate([dataset[i] for i in next(it)]), state.device) for _ in range(num_microbatches)]
+        yield [to_device(collate_fn([dataset[i] for i in next(it)]), state.device) for _ in range(num_microbatches)]
 
 
 def global_count(micro_batches: list[dict], state: ParallelState, loss_func: LossFunc = TOKEN_MEAN) -> float:
@@ -69,15 +70,20 @@ def global_count(micro_batches: list[dict], state: ParallelState, loss_func: Los
     return max(n.item(), 1.0)
 
 
-def reduce_loss(x: torch.Tensor, state: ParallelState) -> float:
-    """This rank's loss shares -> the global-batch loss on every rank: SUM over DP (on the last
-    stage, the only one with shares), then broadcast from the last stage over the pipeline."""
+def reduce_from_last_stage(x: torch.Tensor, state: ParallelState) -> torch.Tensor:
+    """Sums that only the last stage computes -> their global values on every rank: SUM over DP,
+    then broadcast from the last stage over the pipeline (in place on ``x``, on the rank's device)."""
     x = x.to(state.device)
     if group_size(state.dp_group) > 1:
         dist.all_reduce(x, group=state.dp_group)
     if group_size(state.pp_group) > 1:
         dist.broadcast(x, src=state.pp_ranks[-1], group=state.pp_group)
-    return x.item()
+    return x
+
+
+def reduce_loss(x: torch.Tensor, state: ParallelState) -> float:
+    """This rank's loss shares -> the global-batch loss on every rank."""
+    return reduce_from_last_stage(x, state).item()
 
 
 @torch.no_grad()
