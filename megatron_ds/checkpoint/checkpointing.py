@@ -56,17 +56,49 @@ def set_rng_state(saved: dict, rng_tracker=None, device: Optional[torch.device] 
         rng_tracker.set_states(saved["tracker"])
 
 
+def module_states(model_chunks: Sequence[torch.nn.Module]) -> dict:
+    """State that modules keep beside their parameters, this rank's own: every module with a
+    ``rank_local_state()`` method (the TE layers' FP8 scales and amax histories), keyed
+    ``"<chunk>.<module name>"``. Tensors and plain types only (the rank file is loaded weights_only)."""
+    return {f"{i}.{name}": m.rank_local_state()
+            for i, chunk in enumerate(model_chunks) for name, m in chunk.named_modules()
+            if callable(getattr(m, "rank_local_state", None))}
+
+
+def restore_module_states(model_chunks: Sequence[torch.nn.Module], saved: Optional[dict]) -> tuple[int, int]:
+    """Hand each module with ``load_rank_local_state`` its saved state; returns (restored, wanted).
+
+    A module whose key is absent (a checkpoint from a BF16 run, or from before TE was used) keeps
+    its fresh state; saved states no module wants (this run is BF16) are ignored."""
+    saved = saved or {}
+    restored = wanted = 0
+    for i, chunk in enumerate(model_chunks):
+        for name, m in chunk.named_modules():
+            if not callable(getattr(m, "load_rank_local_state", None)):
+                continue
+            wanted += 1
+            key = f"{i}.{name}"
+            if key in saved:
+                m.load_rank_local_state(saved[key])
+                restored += 1
+    return restored, wanted
+
+
 def save(root: str, iteration: int, model_chunks: Sequence[torch.nn.Module], state: ParallelState, *,
          consumed_samples: int, config=None, tokenizer: Optional[dict] = None,
          optimizer_tensors: Sequence[ShardedTensor] = (), common_state=None, rng_tracker=None,
          keep_last_n: Optional[int] = None, writer: Optional[AsyncCheckpointWriter] = None) -> str:
     """Save this rank's model chunks (DP rank 0 writes them), its optimizer pieces (written by
-    whoever the pieces say: replica_id 0), its RNG streams and the shared state."""
+    whoever the pieces say: replica_id 0), its RNG streams and module states, and the shared state."""
     tensors = [t for chunk in model_chunks for t in model_sharded_tensors(chunk, dp_rank=state.dp_rank)]
     tensors += list(optimizer_tensors)
+    rank_state = {"rng": rng_state(rng_tracker, state.device)}
+    modules = module_states(model_chunks)
+    if modules:
+        rank_state["modules"] = modules
     return save_checkpoint(root, iteration, tensors, consumed_samples=consumed_samples, config=config,
                            tokenizer=tokenizer, common_state=common_state,
-                           rank_state={"rng": rng_state(rng_tracker, state.device)}, layout=layout_of(state),
+                           rank_state=rank_state, layout=layout_of(state),
                            keep_last_n=keep_last_n, writer=writer)
 
 
@@ -79,6 +111,8 @@ class LoadedCheckpoint:
     common_state: object
     rng_restored: bool
     """False when the checkpoint came from another layout (or --no-load-rng): RNG stays as seeded."""
+    module_states: tuple[int, int] = (0, 0)
+    """(restored, wanted) module states (TE FP8 scaling); fresh ones at another layout re-warm."""
 
 
 def load(root: str, model_chunks: Sequence[torch.nn.Module], state: ParallelState, *, rng_tracker=None,
@@ -90,10 +124,13 @@ def load(root: str, model_chunks: Sequence[torch.nn.Module], state: ParallelStat
     for chunk in model_chunks:
         load_model(chunk, reader)
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    # Per-rank state only carries over to the same layout: rank_state is None at another one.
+    saved = reader.rank_state(rank, layout=layout_of(state)) or {}
+    # FP8 scales belong with the weights they were measured on, so they load even when RNG does not.
+    modules = restore_module_states(model_chunks, saved.get("modules"))
     restored = False
-    if load_rng:
-        saved = reader.rank_state(rank, layout=layout_of(state))
-        if saved is not None and "rng" in saved:
-            set_rng_state(saved["rng"], rng_tracker, state.device)
-            restored = True
-    return LoadedCheckpoint(reader, reader.iteration, reader.consumed_samples, reader.common_state(), restored)
+    if load_rng and "rng" in saved:
+        set_rng_state(saved["rng"], rng_tracker, state.device)
+        restored = True
+    return LoadedCheckpoint(reader, reader.iteration, reader.consumed_samples, reader.common_state(), restored,
+                            modules)

@@ -42,6 +42,16 @@ def has_checkpoint(path: str) -> bool:
     return os.path.isfile(os.path.join(path, LATEST)) or os.path.isfile(os.path.join(path, METADATA))
 
 
+def _module_state_note(counts: tuple[int, int]) -> str:
+    """What the resume line says of the FP8 scaling state (nothing for a run without TE FP8 layers)."""
+    restored, wanted = counts
+    if wanted == 0:
+        return ""
+    if restored == wanted:
+        return f", FP8 scaling state of {wanted} layers restored"
+    return f", FP8 scaling state restored for {restored} of {wanted} layers (the rest re-warm)"
+
+
 class RunCheckpoints:
     def __init__(self, cfg, state: ParallelState, model_chunks, optimizer, rng_tracker=None, tokenizer=None,
                  logger=None):
@@ -93,7 +103,7 @@ class RunCheckpoints:
             return 0, 0
         self._info(f"resumed from {where} at iteration {ckpt.iteration}"
                    f"{'' if not t.no_load_optim else ', optimizer state not loaded (--no-load-optim)'}"
-                   f"{'' if ckpt.rng_restored else ', RNG as seeded'}")
+                   f"{'' if ckpt.rng_restored else ', RNG as seeded'}{_module_state_note(ckpt.module_states)}")
         return ckpt.iteration, ckpt.consumed_samples
 
     # -- save ----------------------------------------------------------------------------------
