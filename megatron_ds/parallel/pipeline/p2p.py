@@ -8,13 +8,17 @@ no shape is ever exchanged.
 With interleaving the neighbours wrap around: virtual stage c * P + P - 1 (rank P-1) feeds virtual
 stage (c+1) * P (rank 0), so "next" of the last rank is rank 0 and "previous" of rank 0 is rank P-1.
 
-Each exchange is one ``batch_isend_irecv`` of this step's sends and the next step's receives.
+Each exchange is one ``batch_isend_irecv`` of a step's sends and the next step's receives.
 Receives are waited on at once (the next compute needs them); sends are not: they complete when
-the peer gets round to receiving, and ``wait_sends`` collects them at the end of the step. So a
-rank only ever blocks on data it needs, which makes any schedule that is a valid order of the
-pipeline's dependencies deadlock-free. Forward and backward traffic use different tags, so with
-P = 2 and interleaving (where rank 0 sends both activations and gradients to rank 1) a receive can
-never take the other kind of tensor; per tag, messages between two ranks arrive in the order sent.
+the peer gets round to receiving, and ``wait_sends`` collects them at the end of the step.
+
+NCCL is stricter than gloo: it ignores tags (the k-th message from a to b is b's k-th receive
+from a) and a batch only ends once its sends are received, so later batches wait behind it. The
+schedules' steps are built for that (``schedules.exchange_steps``), and
+tests/pipeline/test_nccl_order.py replays every rank's recorded traffic under those rules: no
+rank waits in a cycle, and with 2 stages and interleaving (rank 0 sends both activations and
+gradients to rank 1) every message is received as the kind it was sent as. The tags below only
+label the two kinds for gloo.
 """
 
 from __future__ import annotations

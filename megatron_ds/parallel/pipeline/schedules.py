@@ -59,6 +59,14 @@ def one_f_one_b_schedule(pp_size: int, num_microbatches: int, pp_rank: int, forw
     return out
 
 
+def interleaved_warmup(pp_size: int, num_chunks: int, num_microbatches: int, pp_rank: int) -> int:
+    """Forwards rank ``pp_rank`` runs before its first backward in the interleaved schedule."""
+    total = num_microbatches * num_chunks
+    if num_microbatches == pp_size:  # too few micro-batches to overlap anything: all forwards, then all backwards
+        return total
+    return min((pp_size - pp_rank - 1) * 2 + (num_chunks - 1) * pp_size, total)
+
+
 def interleaved_1f1b_schedule(pp_size: int, num_chunks: int, num_microbatches: int, pp_rank: int,
                               forward_only: bool = False) -> list[Action]:
     """Interleaved 1F1B with ``num_chunks`` virtual stages per rank (Megatron's order)."""
@@ -79,10 +87,7 @@ def interleaved_1f1b_schedule(pp_size: int, num_chunks: int, num_microbatches: i
 
     if forward_only:
         return [forward_action(k) for k in range(total)]
-    if m_total == p:  # too few micro-batches to overlap anything: all forwards, then all backwards
-        warmup = total
-    else:
-        warmup = min((p - pp_rank - 1) * 2 + (v - 1) * p, total)
+    warmup = interleaved_warmup(p, v, m_total, pp_rank)
     out = [forward_action(k) for k in range(warmup)]
     for i in range(total - warmup):
         out += [forward_action(warmup + i), backward_action(i)]
@@ -112,6 +117,32 @@ def _backward(output: torch.Tensor, output_grad: Optional[torch.Tensor]) -> None
         (output,), (output_grad,), False, False, (), True, True)  # keep_graph, create_graph, inputs, allow_unreachable, accumulate_grad
 
 
+def exchange_steps(actions: list[Action], pp_size: int = 1, num_chunks: int = 1, pp_rank: int = 0) -> list[list[int]]:
+    """Indices of ``actions`` grouped into steps; the ranks exchange tensors once after each step.
+
+    Without interleaving every action is a step: 1F1B sends each result at once and receives what
+    the next action needs (Megatron's send_forward_recv_backward / send_backward_recv_forward).
+    With interleaving each steady-state forward and the backward after it form one step, whose
+    sends and receives go out as one batch (Megatron's send_forward_backward_recv_forward_backward).
+    Exchanging after each of the two instead is fine for gloo, which buffers sends, but under NCCL,
+    where a batch only ends once its sends are received, the ranks then wait on each other in a
+    cycle (tests/pipeline/test_nccl_order.py replays the traffic under NCCL's rules). The last
+    warm-up forward stays alone even when a backward follows it (all-warm-up schedules): that
+    backward's gradient depends on the forward, so the two cannot share a step.
+    """
+    steps: list[list[int]] = [[i] for i in range(len(actions))]
+    forwards = sum(a.kind == "F" for a in actions)
+    if num_chunks == 1 or forwards == len(actions):
+        return steps
+    warmup = interleaved_warmup(pp_size, num_chunks, forwards // num_chunks, pp_rank)
+    steady = forwards - warmup  # (F, B) pairs after the warm-up forwards
+    paired = [[warmup + 2 * k, warmup + 2 * k + 1] for k in range(steady)]
+    if any(actions[f].kind != "F" or actions[b].kind != "B" for f, b in paired):
+        raise ValueError(f"not an interleaved 1F1B order (no F/B alternation after {warmup} warm-up forwards): "
+                         f"{actions}")
+    return steps[:warmup] + paired + steps[warmup + 2 * steady:]
+
+
 def run_schedule(actions: list[Action], forward_step: Callable[[int, int, Optional[torch.Tensor]], torch.Tensor], *,
                  pp_rank: int = 0, pp_size: int = 1, num_chunks: int = 1, p2p: Optional[PipelineP2P] = None,
                  before_backward: Optional[Callable[[int, bool], None]] = None) -> torch.Tensor:
@@ -135,45 +166,47 @@ def run_schedule(actions: list[Action], forward_step: Callable[[int, int, Option
     inputs: dict[tuple[int, int], Optional[torch.Tensor]] = {}
     outputs: dict[tuple[int, int], torch.Tensor] = {}
     total_loss = None
+    steps = exchange_steps(actions, pp_size, num_chunks, pp_rank)
 
-    def exchange(send_next=None, send_prev=None, upcoming: Optional[Action] = None) -> Optional[torch.Tensor]:
-        """Send this action's result and receive what ``upcoming`` needs, in one batch."""
+    def exchange(send_next=None, send_prev=None, upcoming: Optional[list[int]] = None):
+        """Send this step's results and receive what the ``upcoming`` step needs, in one batch."""
         if p2p is None:
-            return None
-        recv_prev = upcoming is not None and upcoming.kind == "F" and not first(upcoming.chunk)
-        recv_next = upcoming is not None and upcoming.kind == "B" and not last(upcoming.chunk)
-        from_prev, from_next = p2p.exchange(send_next, send_prev, recv_prev, recv_next)
-        return from_prev if recv_prev else from_next
+            return None, None
+        step = [actions[j] for j in upcoming] if upcoming is not None else []
+        recv_prev = any(a.kind == "F" and not first(a.chunk) for a in step)
+        recv_next = any(a.kind == "B" and not last(a.chunk) for a in step)
+        return p2p.exchange(send_next, send_prev, recv_prev, recv_next)
 
-    received = exchange(upcoming=actions[0] if actions else None)
-    for i, action in enumerate(actions):
-        key = (action.microbatch, action.chunk)
-        upcoming = actions[i + 1] if i + 1 < len(actions) else None
-        if action.kind == "F":
-            x = received
-            if x is not None and torch.is_grad_enabled():
-                x.requires_grad_()
-            y = forward_step(action.chunk, action.microbatch, x)
-            if last(action.chunk):
-                total_loss = y.detach() if total_loss is None else total_loss + y.detach()
-                send = None
+    act_in, grad_in = exchange(upcoming=steps[0] if steps else None)
+    for s, step in enumerate(steps):
+        send_next = send_prev = None
+        for i in step:
+            action = actions[i]
+            key = (action.microbatch, action.chunk)
+            if action.kind == "F":
+                x, act_in = act_in, None
+                if x is not None and torch.is_grad_enabled():
+                    x.requires_grad_()
+                y = forward_step(action.chunk, action.microbatch, x)
+                if last(action.chunk):
+                    total_loss = y.detach() if total_loss is None else total_loss + y.detach()
+                else:
+                    send_next = y.detach()
+                if y.requires_grad:
+                    inputs[key], outputs[key] = x, y
+                    if send_next is not None:
+                        # Free the activation: backward needs only y's grad_fn, and the send keeps its own
+                        # reference to the storage until the next stage has it.
+                        y.data = torch.empty((1,), dtype=y.dtype, device=y.device)
             else:
-                send = y.detach()
-            if y.requires_grad:
-                inputs[key], outputs[key] = x, y
-                if send is not None:
-                    # Free the activation: backward needs only y's grad_fn, and the send keeps its own
-                    # reference to the storage until the next stage has it.
-                    y.data = torch.empty((1,), dtype=y.dtype, device=y.device)
-            received = exchange(send_next=send, upcoming=upcoming)
-        else:
-            if before_backward is not None:
-                before_backward(action.chunk, last_backward[action.chunk] == i)
-            x, y = inputs.pop(key), outputs.pop(key)
-            _backward(y, None if last(action.chunk) else received)
-            send = x.grad if not first(action.chunk) else None
-            del x, y
-            received = exchange(send_prev=send, upcoming=upcoming)
+                if before_backward is not None:
+                    before_backward(action.chunk, last_backward[action.chunk] == i)
+                x, y = inputs.pop(key), outputs.pop(key)
+                output_grad, grad_in = grad_in, None
+                _backward(y, None if last(action.chunk) else output_grad)
+                send_prev = x.grad if not first(action.chunk) else None
+                del x, y, output_grad
+        act_in, grad_in = exchange(send_next, send_prev, upcoming=steps[s + 1] if s + 1 < len(steps) else None)
     if p2p is not None:
         p2p.wait_sends()
     assert not outputs, f"schedule left forwards without backwards: {sorted(outputs)}"
