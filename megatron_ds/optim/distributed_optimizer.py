@@ -186,7 +186,8 @@ class MegatronOptimizer:
     def grad_norm(self) -> float:
         """Global L2 norm of the (synced) gradient of the whole model, the same on every rank."""
         st = self.state
-        device = self.shards[0].grad.device if self.shards else torch.device("cpu")
+        # On the rank's device even with no shard here: NCCL has no CPU tensors.
+        device = self.shards[0].grad.device if self.shards else st.device
         sq = torch.zeros((), dtype=torch.float32, device=device)
         for s in self.shards:
             for a, b, _ in s.norm_segments:
