@@ -11,7 +11,10 @@
 3. tools/preprocess_data.py --workers N for each N, as a subprocess (start-up included).
    Prints MB/s (uncompressed input), tokens/s and the ratio to the baseline, and checks that every
    run wrote the same tokens as the baseline.
-4. The sample index of 1e9 tokens (documents of lognormal length, mean ~600 tokens, seq 4096):
+4. tools/preprocess_sft.py the same way: conversations made of the corpus's text (--sft-mb MB,
+   a user turn and an assistant reply each), against a plain single-process loop that renders
+   each with the same chat template; checks the bytes written are the baseline's.
+5. The sample index of 1e9 tokens (documents of lognormal length, mean ~600 tokens, seq 4096):
    the C++ walk (megatron_ds._C_data) against the NumPy build, each the best of 3.
 """
 
@@ -97,6 +100,57 @@ def same_tokens(prefix_a: str, prefix_b: str) -> bool:
                for ext in (".bin", ".idx"))
 
 
+def make_conversations(corpus: str, path: str, target_mb: float) -> int:
+    """Conversations cut from the corpus's documents: the first words ask, the rest reply."""
+    written = 0
+    with open(corpus, encoding="utf-8") as src, open(path, "w", encoding="utf-8") as f:
+        for line in src:
+            words = json.loads(line)["text"].split(" ")
+            cut = max(1, min(len(words) // 4, 200))
+            record = {"messages": [{"role": "user", "content": " ".join(words[:cut])},
+                                   {"role": "assistant", "content": " ".join(words[cut:]) or "ok"}]}
+            out = json.dumps(record, ensure_ascii=False) + "\n"
+            f.write(out)
+            written += len(out.encode("utf-8"))
+            if written >= target_mb * 1e6:
+                break
+    return written
+
+
+def sft_baseline(path: str, tokenizer_path: str, prefix: str):
+    """Plain single-process loop: parse, render with the DeepSeek template, write both datasets."""
+    from megatron_ds.data.chat import get_template, messages_from_record, render
+    from megatron_ds.data.indexed_dataset import IndexedDatasetBuilder, best_dtype
+    from megatron_ds.data.tokenizer import build_tokenizer
+
+    tok, template = build_tokenizer(tokenizer_path), get_template("deepseek")
+    builders = [IndexedDatasetBuilder(prefix + "_tokens.bin", best_dtype(tok.vocab_size)),
+                IndexedDatasetBuilder(prefix + "_loss_mask.bin", np.uint8)]
+    tokens = 0
+    start = time.perf_counter()
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            ids, mask = render(messages_from_record(json.loads(line)), tok, template)
+            builders[0].add_document(np.asarray(ids, dtype=np.int64))
+            builders[1].add_document(np.asarray(mask, dtype=np.uint8))
+            tokens += len(ids)
+    builders[0].finalize(prefix + "_tokens.idx")
+    builders[1].finalize(prefix + "_loss_mask.idx")
+    return time.perf_counter() - start, tokens
+
+
+def sft_ours(path: str, tokenizer_path: str, prefix: str, workers: int):
+    cmd = [sys.executable, os.path.join(REPO, "tools", "preprocess_sft.py"), "--input", path,
+           "--output-prefix", prefix, "--tokenizer-model", tokenizer_path, "--workers", str(workers),
+           "--progress-interval", "1e9"]
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    from megatron_ds.data.indexed_dataset import IndexedDataset
+
+    return seconds, int(IndexedDataset(prefix + "_tokens").sequence_lengths.astype(np.int64).sum())
+
+
 def bench_sample_index(total_tokens: float = 1e9, seq_length: int = 4096):
     from megatron_ds.data import sample_index
 
@@ -127,6 +181,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mb", type=float, default=200.0, help="corpus size in MB")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--sft-mb", type=float, default=50.0, help="SFT conversations in MB (0: skip)")
     p.add_argument("--tokenizer-model", default=None, help="default: train a 32k BPE on 5 MB of the corpus")
     p.add_argument("--workdir", default=None, help="default: a temporary directory")
     args = p.parse_args()
@@ -165,6 +220,24 @@ def main():
     for name, seconds, tokens, same, load in rows:
         print(f"{name:46s} {seconds:8.1f} {size / seconds / 1e6:7.2f} {tokens / seconds:11,.0f} "
               f"{base_s / seconds:10.2f} {str(same):11s} {load:9.1f}")
+
+    if args.sft_mb > 0:
+        conversations = os.path.join(work, "conversations.jsonl")
+        sft_size = make_conversations(corpus, conversations, args.sft_mb)
+        base_s, base_tokens = sft_baseline(conversations, tok_path, os.path.join(work, "sft_baseline"))
+        rows = [("SFT baseline (1 process, render loop)", base_s, base_tokens, True, os.getloadavg()[0])]
+        for n in args.workers:
+            prefix = os.path.join(work, f"sft{n}")
+            seconds, tokens = sft_ours(conversations, tok_path, prefix, n)
+            same = all(same_tokens(prefix + part, os.path.join(work, "sft_baseline") + part)
+                       for part in ("_tokens", "_loss_mask"))
+            rows.append((f"preprocess_sft.py --workers {n}", seconds, tokens, same, os.getloadavg()[0]))
+        print(f"\nSFT conversations: {sft_size / 1e6:.1f} MB")
+        print(f"{'':46s} {'seconds':>8s} {'MB/s':>7s} {'tokens/s':>11s} {'x baseline':>10s} "
+              f"same bytes  load avg")
+        for name, seconds, tokens, same, load in rows:
+            print(f"{name:46s} {seconds:8.1f} {sft_size / seconds / 1e6:7.2f} {tokens / seconds:11,.0f} "
+                  f"{base_s / seconds:10.2f} {str(same):11s} {load:9.1f}")
 
     num_docs, num_samples, times = bench_sample_index()
     print(f"\nsample index of 1e9 tokens ({num_docs:,} documents, {num_samples:,} samples of 4096):")

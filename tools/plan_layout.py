@@ -14,8 +14,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
+
+try:
+    import megatron_ds  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_ds import planner
 from megatron_ds.config import PRESETS, ConfigError, model_preset

@@ -15,7 +15,6 @@ stderr, all of them in {prefix}_bad_lines.txt) and counted in the summary.
 
 import argparse
 import collections
-import multiprocessing
 import os
 import sys
 import time
@@ -25,55 +24,21 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_ds.data.binarize import (BLOCK_BYTES, InputError, Progress, encode_in_worker,
-                                       init_worker, read_blocks)
+from megatron_ds.data.binarize import BLOCK_BYTES, BlockEncoder, InputError, Progress, map_blocks
 from megatron_ds.data.corpus_files import expand_inputs
 from megatron_ds.data.errors import DataError
 from megatron_ds.data.indexed_dataset import IndexedDatasetBuilder, best_dtype
 from megatron_ds.data.tokenizer import build_tokenizer
 
-BLOCKS_IN_FLIGHT_PER_WORKER = 4  # enough to keep workers busy; bounds memory at ~8 MB a worker
 BAD_LINES_SHOWN = 10
 
 
 def encoded_blocks(files, encoder_args, workers, block_bytes):
-    """(EncodedBlock, disk bytes done) in corpus order; a Pool with a bounded window if workers > 1."""
-    done_before = 0  # disk bytes of the files already finished
-
-    def jobs():
-        nonlocal done_before
-        for path in files:
-            for first, block, pos in read_blocks(path, block_bytes):
-                yield (path, first, block), done_before + pos
-            done_before += os.path.getsize(path)
-
-    if workers <= 1:
-        init_worker(*encoder_args)
-        for job, disk in jobs():
-            encoded, error = encode_in_worker(*job)
-            if error:
-                raise InputError(error)
-            yield encoded, disk
-        return
-    # Pool.imap would read ahead without bound (its feeder thread drains the generator), so keep
-    # our own window of async results and collect them in submission order instead.
-    ctx = multiprocessing.get_context("spawn")  # no fork of a process holding tokenizer threads
-    with ctx.Pool(workers, initializer=init_worker, initargs=encoder_args) as pool:
-        window = collections.deque()
-
-        def take():
-            result, disk = window.popleft()
-            encoded, error = result.get()
-            if error:
-                raise InputError(error)
-            return encoded, disk
-
-        for job, disk in jobs():
-            window.append((pool.apply_async(encode_in_worker, job), disk))
-            if len(window) >= workers * BLOCKS_IN_FLIGHT_PER_WORKER:
-                yield take()
-        while window:
-            yield take()
+    """(EncodedBlock, disk bytes done) in corpus order; the first bad line raises (unless skipped)."""
+    for (encoded, error), disk in map_blocks(files, BlockEncoder, encoder_args, workers, block_bytes):
+        if error:
+            raise InputError(error)
+        yield encoded, disk
 
 
 def parse_args(argv):

@@ -1,7 +1,7 @@
 """Binarize SFT conversations into {prefix}_tokens.{bin,idx} + {prefix}_loss_mask.{bin,idx}.
 
     python tools/preprocess_sft.py --input sft/*.jsonl --output-prefix data/sft \
-        --tokenizer-model tokenizer.json [--chat-template deepseek] [--skip-bad-conversations]
+        --tokenizer-model tokenizer.json [--chat-template deepseek] [--skip-bad-conversations] [--workers 8]
 
 Each input line is {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]} or
 {"prompt": str | messages, "response": str}. It is rendered with the chat template
@@ -14,14 +14,15 @@ A bad line (not UTF-8, not JSON, no conversation in it, an unknown role, no assi
 content, turns out of order) stops the run with exit code 2 and one line naming file:line and the
 reason, leaving no output; with --skip-bad-conversations it is skipped, counted by reason in the
 summary and listed in {prefix}_bad_conversations.txt. Outputs are written under temporary names
-and renamed when complete.
+and renamed when complete. As in tools/preprocess_data.py, the input is streamed in blocks of
+whole lines that --workers processes render, with a bounded number of blocks in flight; the
+output does not depend on --workers.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import re
 import sys
@@ -34,34 +35,16 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 import numpy as np
 
-from megatron_ds.data.binarize import InputError, read_blocks
-from megatron_ds.data.chat import TEMPLATES, ConversationError, get_template, messages_from_record, render
+from megatron_ds.data.binarize import BLOCK_BYTES, InputError, Progress, map_blocks
+from megatron_ds.data.chat import TEMPLATES, get_template
 from megatron_ds.data.corpus_files import expand_inputs
 from megatron_ds.data.errors import DataError
 from megatron_ds.data.indexed_dataset import IndexedDatasetBuilder, best_dtype
+from megatron_ds.data.sft_binarize import SftBlockEncoder
 from megatron_ds.data.sft_dataset import loss_mask_prefix, tokens_prefix
 from megatron_ds.data.tokenizer import build_tokenizer
 
 BAD_SHOWN = 10  # skipped lines echoed on stderr; all of them go to the _bad_conversations.txt file
-
-
-class BadLine(Exception):
-    """One unusable line: the message is "file:line: reason"."""
-
-
-def parse_line(path: str, line_no: int, raw: bytes) -> list[dict]:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise BadLine(f"{path}:{line_no}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise BadLine(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
-    try:
-        return messages_from_record(record)
-    except ConversationError as e:
-        raise BadLine(f"{path}:{line_no}: {e}") from None
 
 
 def reason_kind(message: str) -> str:
@@ -79,7 +62,16 @@ def parse_args(argv):
     p.add_argument("--chat-template", default="deepseek", help=f"how turns are laid out: {', '.join(TEMPLATES)}")
     p.add_argument("--skip-bad-conversations", action="store_true",
                    help="skip (count, report and list) unusable lines instead of stopping at the first one")
-    return p.parse_args(argv)
+    p.add_argument("--workers", type=int, default=1, help="tokenizing processes (one core each)")
+    p.add_argument("--block-bytes", type=int, default=BLOCK_BYTES, help="bytes of whole lines per worker job")
+    p.add_argument("--progress-interval", type=float, default=None,
+                   help="seconds between progress lines (default: 2 on a terminal, 30 in a log)")
+    args = p.parse_args(argv)
+    if args.workers < 1:
+        p.error(f"--workers {args.workers}: must be >= 1")
+    if args.block_bytes < 1:
+        p.error(f"--block-bytes {args.block_bytes}: must be >= 1")
+    return args
 
 
 def main(argv=None) -> int:
@@ -99,38 +91,28 @@ def main(argv=None) -> int:
     bad_tmp = bad_path + ".tmp"
     bad_file = None
     counts, kinds = collections.Counter(), collections.Counter()
-    start = time.monotonic()
+    progress = Progress(sum(os.path.getsize(f) for f in files), args.progress_interval)
+    worker_args = (tokenizer.path, template.name, args.skip_bad_conversations)
     try:
-        for path in files:
-            for first, block, _ in read_blocks(path):
-                lines = block.split(b"\n")
-                if lines and not lines[-1]:
-                    lines.pop()
-                for line_no, raw in enumerate(lines, start=first):
-                    if not raw.strip():
-                        continue  # blank lines are not conversations
-                    try:
-                        messages = parse_line(path, line_no, raw)
-                        try:
-                            ids, mask = render(messages, tokenizer, template)
-                        except ConversationError as e:
-                            raise BadLine(f"{path}:{line_no}: {e}") from None
-                    except BadLine as e:
-                        if not args.skip_bad_conversations:
-                            raise InputError(f"{e} (or pass --skip-bad-conversations)") from None
-                        if counts["bad"] < BAD_SHOWN:
-                            print(f"warning: skipped {e}", file=sys.stderr)
-                        if bad_file is None:
-                            bad_file = open(bad_tmp, "w", encoding="utf-8")
-                        bad_file.write(f"{e}\n")
-                        counts["bad"] += 1
-                        kinds[reason_kind(str(e))] += 1
-                        continue
-                    builders[0].add_document(np.asarray(ids, dtype=np.int64))
-                    builders[1].add_document(np.asarray(mask, dtype=np.uint8))
-                    counts["conversations"] += 1
-                    counts["tokens"] += len(ids)
-                    counts["loss_tokens"] += sum(mask)
+        for (block, error), disk_done in map_blocks(files, SftBlockEncoder, worker_args, args.workers,
+                                                    args.block_bytes):
+            if error:
+                raise InputError(f"{error} (or pass --skip-bad-conversations)")
+            for line in block.bad:
+                if counts["bad"] < BAD_SHOWN:
+                    print(f"warning: skipped {line}", file=sys.stderr)
+                if bad_file is None:
+                    bad_file = open(bad_tmp, "w", encoding="utf-8")
+                bad_file.write(f"{line}\n")
+                counts["bad"] += 1
+                kinds[reason_kind(line)] += 1
+            builders[0].add_documents(block.tokens, block.lengths)
+            builders[1].add_documents(block.loss_mask, block.lengths)
+            counts["conversations"] += len(block.lengths)
+            counts["tokens"] += len(block.tokens)
+            counts["loss_tokens"] += int(block.loss_mask.sum())
+            progress.update(len(block.lengths), block.num_bytes, disk_done)
+        progress.close()
         if counts["conversations"] == 0:
             raise InputError(f"--input {' '.join(args.input)}: no usable conversation"
                              f"{' (all skipped)' if counts['bad'] else ''}")
@@ -153,7 +135,7 @@ def main(argv=None) -> int:
         os.replace(bad_tmp, bad_path)
     elif os.path.exists(bad_path):
         os.remove(bad_path)  # a previous run's list would describe other outputs
-    seconds = max(time.monotonic() - start, 1e-9)
+    seconds = max(time.monotonic() - progress.start, 1e-9)
     bad = ""
     if counts["bad"]:
         by_kind = "; ".join(f"{n} {k}" for k, n in kinds.most_common())

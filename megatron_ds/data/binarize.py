@@ -1,4 +1,5 @@
-"""The work of tools/preprocess_data.py, in pieces a worker process can import.
+"""The work of tools/preprocess_data.py (and the block plumbing of tools/preprocess_sft.py), in
+pieces a worker process can import.
 
 The main process only does I/O: it reads each input file as raw bytes in blocks of whole lines
 (gunzipping on the fly), hands each block to a worker, and appends the workers' token arrays to
@@ -9,9 +10,11 @@ large buffers, not millions of small Python objects.
 
 from __future__ import annotations
 
+import collections
 import gzip
 import itertools
 import json
+import multiprocessing
 import os
 import sys
 import time
@@ -20,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 BLOCK_BYTES = 1 << 20  # about 1 MB of text per job: large enough to amortize the IPC
+BLOCKS_IN_FLIGHT_PER_WORKER = 4  # enough to keep workers busy; bounds memory at ~8 MB a worker
 
 
 class InputError(Exception):
@@ -39,6 +43,8 @@ class EncodedBlock:
 
 class BlockEncoder:
     """Tokenizes blocks of jsonl lines; one per process."""
+
+    user_errors = (InputError,)
 
     def __init__(self, tokenizer_path: str, json_keys, append_eod: bool, dtype, skip_bad_lines: bool):
         # One core per worker: --workers N then means N cores, and the scaling is ours to measure.
@@ -102,19 +108,20 @@ class BlockEncoder:
         return out
 
 
-_encoder = None  # the worker process's BlockEncoder
+_encoder = None  # this worker process's encoder (a BlockEncoder, or the SFT tool's)
 
 
-def init_worker(*args) -> None:
+def init_worker(encoder_cls, *args) -> None:
     global _encoder
-    _encoder = BlockEncoder(*args)
+    _encoder = encoder_cls(*args)
 
 
 def encode_in_worker(path, first_line_no, block):
-    """Pool entry point: (EncodedBlock, None) or (None, error line); never raises across the pool."""
+    """Pool entry point: (encoded block, None) or (None, the error's line); never raises a user
+    error (the encoder's ``user_errors``) across the pool, so the main process raises it in order."""
     try:
         return _encoder.encode(path, first_line_no, block), None
-    except InputError as e:
+    except _encoder.user_errors as e:
         return None, str(e)
 
 
@@ -144,6 +151,44 @@ def read_blocks(path: str, block_bytes: int = BLOCK_BYTES):
         except (OSError, EOFError, gzip.BadGzipFile) as e:  # corrupt or truncated .gz
             raise InputError(f"{path}: unreadable after line {line_no - 1} "
                              f"({type(e).__name__}: {e}); inputs must be jsonl, optionally gzipped") from None
+
+
+def map_blocks(files, encoder_cls, encoder_args, workers: int, block_bytes: int = BLOCK_BYTES):
+    """((encoded block, None) or (None, error line), disk bytes done) for every block of ``files``,
+    in corpus order: ``encoder_cls(*encoder_args).encode(path, first line number, block)``.
+
+    With ``workers`` > 1 the encoding runs in that many spawned processes, one encoder each; at
+    most ``workers * BLOCKS_IN_FLIGHT_PER_WORKER`` blocks are in flight, so memory does not grow
+    with the corpus. With 1, everything runs here. The caller raises the first error line.
+    """
+    done_before = 0  # disk bytes of the files already finished
+
+    def jobs():
+        nonlocal done_before
+        for path in files:
+            for first, block, pos in read_blocks(path, block_bytes):
+                yield (path, first, block), done_before + pos
+            done_before += os.path.getsize(path)
+
+    init_args = (encoder_cls, *encoder_args)
+    if workers <= 1:
+        init_worker(*init_args)
+        for job, disk in jobs():
+            yield encode_in_worker(*job), disk
+        return
+    # Pool.imap would read ahead without bound (its feeder thread drains the generator), so keep
+    # our own window of async results and collect them in submission order instead.
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process holding tokenizer threads
+    with ctx.Pool(workers, initializer=init_worker, initargs=init_args) as pool:
+        window = collections.deque()
+        for job, disk in jobs():
+            window.append((pool.apply_async(encode_in_worker, job), disk))
+            if len(window) >= workers * BLOCKS_IN_FLIGHT_PER_WORKER:
+                result, d = window.popleft()
+                yield result.get(), d
+        while window:
+            result, d = window.popleft()
+            yield result.get(), d
 
 
 class Progress:

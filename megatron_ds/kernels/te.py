@@ -19,6 +19,11 @@ the layer's TP group, whose ranks run the same GEMMs in the same order, so the s
 the shards of one weight; with TP 1 nothing is reduced. DP replicas keep their own scales (as
 Megatron's ``--tp-only-amax-red``): they see different data, and nothing requires equal scales.
 
+Under ``--recompute-granularity`` the recomputed GEMMs enter their autocast again in backward, so
+they quantize with the scales as updated after the original forward (TE's own checkpoint function
+would replay the old ones): the gradient is exact for the recomputed forward, which differs from
+the original by that re-quantization only.
+
 FP8 scaling state (scales, amax histories) lives in the TE modules, which are not registered
 submodules; under FP8 each routed layer hands it to the checkpoint through ``rank_local_state`` /
 ``load_rank_local_state`` (``checkpoint/checkpointing.py``), per rank, restored at the same layout.

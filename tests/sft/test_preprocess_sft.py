@@ -104,3 +104,35 @@ def test_unknown_template_and_missing_input_are_one_line(tmp_path, chat_tokenize
     os.remove(tmp_path / "in.jsonl")
     proc = cli(tmp_path, chat_tokenizer)
     assert proc.returncode == 2 and proc.stderr.strip() == f"error: --input {tmp_path / 'in.jsonl'}: no such file"
+
+
+def test_workers_and_blocks_do_not_change_the_output(tmp_path, chat_tokenizer):
+    """--workers 2 over many small blocks writes the same bytes (and the same bad-line list, in file
+    order) as one process over one block."""
+    records = [json.dumps(r) for r in make_conversations(60)]
+    lines = records[:25] + [BAD[0][0], BAD[5][0]] + records[25:] + [BAD[1][0]]
+    write_jsonl(tmp_path / "in.jsonl", lines)
+    outputs = {}
+    for name, extra in (("one", ["--workers", "1"]), ("two", ["--workers", "2", "--block-bytes", "700"])):
+        prefix = tmp_path / name
+        assert preprocess_sft.main(["--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(prefix),
+                                    "--tokenizer-model", str(chat_tokenizer), "--skip-bad-conversations",
+                                    *extra]) == 0
+        outputs[name] = {suffix: (tmp_path / f"{name}{suffix}").read_bytes()
+                         for suffix in ("_tokens.bin", "_tokens.idx", "_loss_mask.bin", "_loss_mask.idx",
+                                        "_bad_conversations.txt")}
+    assert outputs["one"] == outputs["two"]
+    assert len(IndexedDataset(str(tmp_path / "two_tokens"))) == 60
+    listed = outputs["two"]["_bad_conversations.txt"].decode().splitlines()
+    assert [ln.split(": ", 1)[0].rsplit(":", 1)[1] for ln in listed] == ["26", "27", "63"]
+
+
+def test_bad_line_with_workers_is_the_same_one_line_error(tmp_path, chat_tokenizer):
+    write_jsonl(tmp_path / "in.jsonl", [GOOD] * 30 + [BAD[0][0]] + [GOOD] * 30)
+    proc = cli(tmp_path, chat_tokenizer, "--workers", "2", "--block-bytes", "200")
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"error: {tmp_path / 'in.jsonl'}:31: ") and "no assistant turn" in err, err
+    assert err.endswith("(or pass --skip-bad-conversations)"), err
+    assert os.listdir(tmp_path) == ["in.jsonl"]
