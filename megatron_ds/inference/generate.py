@@ -84,7 +84,7 @@ def _last_logits(chunks, state: ParallelState, ids: torch.Tensor, pos: torch.Ten
     for i, chunk in enumerate(chunks):  # virtual stages c * P + pp_rank, in order
         hidden = None if chunk.pre_process else p2p.exchange(recv_prev=True)[0]
         out = chunk(input_ids=ids if chunk.pre_process else None, hidden_states=hidden, position_ids=pos,
-                    kv_cache=caches[i] if caches is not None else None)
+                    kv_cache=caches[i] if caches is not None else None, last_token_logits=True)
         if not chunk.post_process:
             p2p.exchange(send_next=out)
     if p2p is not None:

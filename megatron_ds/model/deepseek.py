@@ -82,7 +82,8 @@ class DeepSeekModel(nn.Module):
 
     def forward(self, input_ids: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, hidden_states: Optional[torch.Tensor] = None,
-                document_ids: Optional[torch.Tensor] = None, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+                document_ids: Optional[torch.Tensor] = None, kv_cache: Optional[KVCache] = None,
+                last_token_logits: bool = False) -> torch.Tensor:
         """Run this rank's stage.
 
         input_ids [b, s] (first stage) or hidden_states [s, b, h] (other stages; [s/tp, b, h] under SP);
@@ -92,6 +93,8 @@ class DeepSeekModel(nn.Module):
         kv_cache (generation; see model/kv_cache.py): this chunk's cache; the input holds the tokens
         after its ``seq_len`` cached ones, position_ids default seq_len.., and the cache advances by s.
         It needs sequence parallelism off (SP changes no weight: build the inference model without it).
+        last_token_logits (generation, no labels, SP off): the LM head runs on the last position only,
+        so a prompt's prefill does not pay s x V for logits nobody reads; the logits are [b, 1, V_padded/tp].
         Returns, last stage: per-token loss [b, s] fp32 if labels [b, s] are given, else this rank's
         vocab-parallel logits [b, s, V_padded/tp] (a transposed view of [s, b, ...]; columns at
         global index >= config.vocab_size are padding). Other stages: hidden [s, b, h] ([s/tp, b, h] under SP).
@@ -127,6 +130,10 @@ class DeepSeekModel(nn.Module):
         if not self.post_process:
             return hidden
 
+        if last_token_logits:
+            if labels is not None or self.sequence_parallel:
+                raise ValueError("last_token_logits is for generation: no labels, sequence parallelism off")
+            hidden = hidden[-1:]  # [1, b, h]
         logits = self.lm_head(self.final_norm(hidden))  # [s, b, V_padded/tp]
         if labels is None:
             return logits.transpose(0, 1)

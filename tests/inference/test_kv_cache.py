@@ -52,6 +52,27 @@ def test_cached_forward_of_each_new_token_equals_the_full_forward():
     assert max_rel_err(torch.cat(parts, dim=1), full) < TOL
 
 
+def test_last_token_logits_are_the_full_forwards_last_position():
+    """Generation runs the LM head on the last position only (prefill pays no s x V); the logits are
+    the full forward's last row, with and without the cache."""
+    model = build_chunks(tiny_config())[0].eval()
+    ids = torch.tensor([PROMPT + [9, 33, 250], PROMPT + [4, 4, 5]])
+    with torch.no_grad():
+        full = model(input_ids=ids)  # [2, 9, V_padded]
+        last = model(input_ids=ids, last_token_logits=True)
+        cache = KVCache.for_model(model, 2, 16)
+        model(input_ids=ids[:, :8], kv_cache=cache, last_token_logits=True)
+        cached = model(input_ids=ids[:, 8:], kv_cache=cache, last_token_logits=True)
+    assert last.shape == cached.shape == (2, 1, full.shape[-1])
+    assert max_rel_err(last, full[:, -1:]) < TOL and max_rel_err(cached, full[:, -1:]) < TOL
+    try:
+        model(input_ids=ids, labels=ids, last_token_logits=True)
+    except ValueError as e:
+        assert "generation" in str(e)
+    else:
+        raise AssertionError("labels with last_token_logits must be refused")
+
+
 def test_a_batch_of_prompts_generates_each_row_as_alone():
     model = build_chunks(tiny_config())[0]
     other = [3, 1, 4, 1, 5, 9]
