@@ -3,7 +3,10 @@
     python tests/gpu/bench_cuda.py
 
 Each row is forward + backward at DeepSeek-7B shapes (4096 tokens, hidden 4096, FFN 11008, 32 heads
-of 128; cross-entropy 4096 tokens x 102400 vocabulary), in bf16. "bound" is the time to move the
+of 128; cross-entropy 4096 tokens x 102400 vocabulary), in bf16. The AdamW row times one
+optimizer step over 256M fp32 parameters (one flat buffer, as ZeRO-1 holds it) against
+torch.optim.AdamW's foreach path (eager) and, for reference, torch's own fused CUDA AdamW.
+"bound" is the time to move the
 bytes the op must move at least (read inputs, write outputs, forward and backward) at the
 bandwidth of a large device-to-device copy measured in the same run; "% of bound" = bound / fused.
 """
@@ -58,6 +61,43 @@ def time_ms(make, fn, iters: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def time_step_ms(step, iters: int = 10) -> float:
+    """Median ms of ``step()`` (no autograd)."""
+    times = []
+    for i in range(iters + 3):
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        if i >= 3:
+            times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def adamw_row(bw: float) -> str:
+    """Our fused AdamW vs torch.optim.AdamW (foreach, and torch's fused) on one flat fp32 buffer."""
+    from megatron_ds.optim.fused_adamw import fused_adamw_
+
+    n = 256 * 2**20
+    hp = dict(lr=3e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+    p, g = torch.randn(n, device=DEV), torch.randn(n, device=DEV)
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    ours = time_step_ms(lambda: fused_adamw_(p, g, m, v, step=10, **hp))
+    torch_ms = {}
+    for name, kw in (("foreach", {"foreach": True}), ("torch fused", {"fused": True})):
+        q = p.clone().requires_grad_(True)
+        q.grad = g.clone()
+        opt = torch.optim.AdamW([q], lr=hp["lr"], betas=(hp["beta1"], hp["beta2"]), eps=hp["eps"],
+                                weight_decay=hp["weight_decay"], **kw)
+        torch_ms[name] = time_step_ms(opt.step)
+        del opt, q
+    bound = 7 * 4 * n / bw * 1e3  # read p, g, m, v; write p, m, v
+    return (f"{'adamw':<15}{torch_ms['foreach']:>10.3f}{ours:>10.3f}{torch_ms['foreach'] / ours:>8.2f}x"
+            f"{bound:>10.3f}{bound / ours:>11.0%}   (torch's fused AdamW: {torch_ms['torch fused']:.3f} ms)")
+
+
 def main() -> None:
     assert fused.available() and fused.has_device_kernels(DEV), "megatron_ds._C_kernels_cuda is not built"
     dt, e = torch.bfloat16, 2
@@ -102,6 +142,7 @@ def main() -> None:
         t_e, t_f = time_ms(make, eager_fn), time_ms(make, fused_fn)
         bound = nbytes / bw * 1e3
         print(f"{name:<15}{t_e:>10.3f}{t_f:>10.3f}{t_e / t_f:>8.2f}x{bound:>10.3f}{bound / t_f:>11.0%}")
+    print(adamw_row(bw))
 
 
 if __name__ == "__main__":

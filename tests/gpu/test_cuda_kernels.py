@@ -133,3 +133,28 @@ def test_cross_entropy_allocates_no_logits_sized_buffer():
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     assert extra < logits.numel() * logits.element_size() / 4, f"{extra / 2**20:.1f} MB beyond the logits"
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_fused_adamw_matches_torch_adamw_over_10_steps(weight_decay):
+    """csrc/kernels/cuda/adamw.cu against torch.optim.AdamW on the GPU; 1e-6 absolute on params of order 1,
+    as the CPU test (tests/optim/test_fused_adamw.py): torch's arithmetic in torch's order, FMAs aside."""
+    from megatron_ds.optim import fused_adamw
+
+    assert fused_adamw.has_kernel(torch.device(DEV))
+    n = 1_000_003
+    p0 = randn(n, dtype=torch.float32, seed=20)
+    grads = [randn(n, dtype=torch.float32, seed=21 + i) for i in range(10)]
+    hp = dict(lr=3e-3, beta1=0.9, beta2=0.95, eps=1e-8)
+    ref = p0.clone().requires_grad_(True)
+    opt = torch.optim.AdamW([ref], lr=hp["lr"], betas=(hp["beta1"], hp["beta2"]), eps=hp["eps"],
+                            weight_decay=weight_decay, foreach=False)
+    p, m, v = p0.clone(), torch.zeros_like(p0), torch.zeros_like(p0)
+    for step, g in enumerate(grads, start=1):
+        ref.grad = g.clone()
+        opt.step()
+        fused_adamw.fused_adamw_(p, g, m, v, weight_decay=weight_decay, step=step, **hp)
+    state = opt.state[ref]
+    for name, a, b in (("param", p, ref.detach()), ("exp_avg", m, state["exp_avg"]),
+                       ("exp_avg_sq", v, state["exp_avg_sq"])):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
