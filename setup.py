@@ -88,10 +88,13 @@ def extensions():
                                             extra_compile_args=["-O3", "-fopenmp", *_cpu_isa_flags()],
                                             extra_link_args=["-fopenmp"]))
         if cuda_src and torch.version.cuda is not None and shutil.which("nvcc"):
+            # sm_80 and sm_90 (A100, H100/H200) by default; TORCH_CUDA_ARCH_LIST, torch's own variable,
+            # picks others (e.g. "9.0" alone builds in half the time for a Hopper-only cluster).
+            archs = [] if os.environ.get("TORCH_CUDA_ARCH_LIST") else [
+                "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
             ext_modules.append(CUDAExtension(
                 "megatron_ds._C_kernels_cuda", cuda_src,
-                extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-gencode=arch=compute_80,code=sm_80",
-                                                            "-gencode=arch=compute_90,code=sm_90"]}))
+                extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", *archs]}))
         cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
     return ext_modules, cmdclass
 

@@ -12,6 +12,9 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY="${PYTHON:-python3}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+# Build the CUDA kernels for this GPU's architecture only (setup.py's default is sm_80 + sm_90).
+TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null || true)}"
+export TORCH_CUDA_ARCH_LIST
 
 echo "== build (C++ and CUDA extensions, at install)"
 "$PY" -m pip install --no-build-isolation --no-deps -e . >/tmp/megatron_ds_build.log 2>&1 ||
