@@ -1,10 +1,7 @@
 // Fused AdamW over a flat fp32 shard (CPU): one pass that reads param, grad, exp_avg, exp_avg_sq
-// and writes param, exp_avg, exp_avg_sq. Same arithmetic, in the same order, as torch.optim.AdamW
-// (single-tensor path):
-//   p   *= 1 - lr * wd
-//   m   += (1 - b1) * (g - m)                 (torch's lerp)
-//   v    = b2 * v + (1 - b2) * g * g
-//   p   -= (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+// and writes param, exp_avg, exp_avg_sq, with torch.optim.AdamW's arithmetic in its order (the
+// formulas, the step's scalars and the checks are in csrc/kernels/common/adamw_common.h, shared
+// with the CUDA kernel).
 //
 // Registered as megatron_ds::fused_adamw_ (schema below; the CUDA file adds its CUDA kernel).
 // The extension is loaded with torch.ops.load_library, so this file defines no Python module.
@@ -14,18 +11,18 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
-#include <cmath>
+#include "../common/adamw_common.h"
 
 namespace {
 
+using megatron_ds::AdamWScalars;
 using Vec = at::vec::Vectorized<float>;
 
-void adamw_chunk(float* p, const float* g, float* m, float* v, int64_t n, float decay, float b1, float b2,
-                 float one_minus_b1, float one_minus_b2, float step_size, float bc2_sqrt, float eps) {
+void adamw_chunk(float* p, const float* g, float* m, float* v, int64_t n, const AdamWScalars& s) {
   int64_t i = 0;
-  const Vec vdecay(decay), vb2(b2), vomb1(one_minus_b1), vomb2(one_minus_b2);
-  const Vec vstep(step_size), vbc2(bc2_sqrt), veps(eps);
-  for (; i + Vec::size() <= n; i += Vec::size()) {
+  const Vec vdecay(s.decay), vb2(s.b2), vomb1(s.one_minus_b1), vomb2(s.one_minus_b2);
+  const Vec vstep(s.step_size), vbc2(s.bc2_sqrt), veps(s.eps);
+  for (; i + Vec::size() <= n; i += Vec::size()) {  // megatron_ds::adamw_one, W lanes at a time
     Vec pv = Vec::loadu(p + i) * vdecay;
     Vec gv = Vec::loadu(g + i);
     Vec mv = Vec::loadu(m + i);
@@ -37,50 +34,20 @@ void adamw_chunk(float* p, const float* g, float* m, float* v, int64_t n, float 
     mv.store(m + i);
     vv.store(v + i);
   }
-  for (; i < n; ++i) {
-    float pi = p[i] * decay;
-    float gi = g[i];
-    float mi = m[i] + one_minus_b1 * (gi - m[i]);
-    float vi = v[i] * b2 + one_minus_b2 * gi * gi;
-    pi -= step_size * (mi / (std::sqrt(vi) / bc2_sqrt + eps));
-    p[i] = pi;
-    m[i] = mi;
-    v[i] = vi;
-  }
-  (void)b1;
-}
-
-void check(const at::Tensor& t, const at::Tensor& like, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat, "fused_adamw_: ", name, " must be float32, got ", t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), "fused_adamw_: ", name, " must be contiguous");
-  TORCH_CHECK(t.numel() == like.numel(), "fused_adamw_: ", name, " has ", t.numel(), " elements, param has ",
-              like.numel());
-  TORCH_CHECK(t.device() == like.device(), "fused_adamw_: ", name, " is on ", t.device(), ", param on ",
-              like.device());
+  for (; i < n; ++i) megatron_ds::adamw_one(p[i], g[i], m[i], v[i], s);
 }
 
 void fused_adamw_cpu(at::Tensor param, const at::Tensor& grad, at::Tensor exp_avg, at::Tensor exp_avg_sq,
                      double lr, double beta1, double beta2, double eps, double weight_decay, int64_t step) {
-  check(param, param, "param");
-  check(grad, param, "grad");
-  check(exp_avg, param, "exp_avg");
-  check(exp_avg_sq, param, "exp_avg_sq");
-  TORCH_CHECK(step >= 1, "fused_adamw_: step is 1-based, got ", step);
-  // Scalars computed as torch does: bias corrections in double, then used as float.
-  const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
-  const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
-  const float decay = static_cast<float>(1.0 - lr * weight_decay);
-  const float step_size = static_cast<float>(lr / bc1);
-  const float bc2_sqrt = static_cast<float>(std::sqrt(bc2));
+  megatron_ds::check_adamw_args(param, grad, exp_avg, exp_avg_sq);
+  const AdamWScalars s = megatron_ds::adamw_scalars(lr, beta1, beta2, eps, weight_decay, step);
   float* p = param.data_ptr<float>();
   const float* g = grad.data_ptr<float>();
   float* m = exp_avg.data_ptr<float>();
   float* v = exp_avg_sq.data_ptr<float>();
   // 32K elements per task: big enough to amortize the thread hand-off, small enough to balance.
   at::parallel_for(0, param.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
-    adamw_chunk(p + begin, g + begin, m + begin, v + begin, end - begin, decay, static_cast<float>(beta1),
-                static_cast<float>(beta2), static_cast<float>(1.0 - beta1), static_cast<float>(1.0 - beta2),
-                step_size, bc2_sqrt, static_cast<float>(eps));
+    adamw_chunk(p + begin, g + begin, m + begin, v + begin, end - begin, s);
   });
 }
 

@@ -9,6 +9,9 @@
 // Autograd and the fake (meta) implementations are registered from Python in
 // megatron_ds/kernels/_ops.py; the ops here are plain forward / backward kernels.
 //
+// The scalar loops (vector tails) use the per-element formulas of csrc/kernels/common/
+// elementwise_math.h, which the CUDA kernels use too.
+//
 // Vectorization: at::vec::Vectorized<float> (AVX512 or AVX2 as setup.py's ISA flags choose),
 // bf16 loaded and stored through fp32 vectors; rows split over threads with at::parallel_for.
 
@@ -21,6 +24,8 @@
 #include <cmath>
 #include <limits>
 #include <vector>
+
+#include "../common/elementwise_math.h"
 
 namespace megatron_ds {
 namespace {
@@ -295,14 +300,10 @@ void rotate_heads(T* base, int64_t s_len, int64_t b_len, int64_t nh, int64_t d, 
           }
         }
         for (; i < half; ++i) {
-          float x1 = to_f(x[i]), x2 = to_f(x[half + i]);
-          if (!backward) {
-            x[i] = static_cast<T>(x1 * c[i] - x2 * sn[i]);
-            x[half + i] = static_cast<T>(x2 * c[half + i] + x1 * sn[half + i]);
-          } else {
-            x[i] = static_cast<T>(x1 * c[i] + x2 * sn[half + i]);
-            x[half + i] = static_cast<T>(x2 * c[half + i] - x1 * sn[i]);
-          }
+          float y1, y2;
+          rotary_pair(to_f(x[i]), to_f(x[half + i]), c[i], sn[i], c[half + i], sn[half + i], backward, y1, y2);
+          x[i] = static_cast<T>(y1);
+          x[half + i] = static_cast<T>(y2);
         }
       }
     }
@@ -362,10 +363,7 @@ at::Tensor swiglu_fwd_cpu(const at::Tensor& gu_in) {
           Vec gv = load_f(g + i);
           store_f(o + i, gv / (one + fast_exp(gv.neg())) * load_f(u + i));
         }
-        for (; i < f; ++i) {
-          float gv = to_f(g[i]);
-          o[i] = static_cast<scalar_t>(gv / (1.f + std::exp(-gv)) * to_f(u[i]));
-        }
+        for (; i < f; ++i) o[i] = static_cast<scalar_t>(swiglu_value(to_f(g[i]), to_f(u[i])));
       }
     });
   });
@@ -401,10 +399,10 @@ at::Tensor swiglu_bwd_cpu(const at::Tensor& dout_in, const at::Tensor& gu_in) {
           store_f(du + i, dv * silu);
         }
         for (; i < f; ++i) {
-          float gv = to_f(g[i]), uv = to_f(u[i]), dv = to_f(dor[i]);
-          float sig = 1.f / (1.f + std::exp(-gv));
-          dg[i] = static_cast<scalar_t>(dv * uv * sig * (1.f + gv * (1.f - sig)));
-          du[i] = static_cast<scalar_t>(dv * gv * sig);
+          float dgv, duv;
+          swiglu_grad(to_f(g[i]), to_f(u[i]), to_f(dor[i]), dgv, duv);
+          dg[i] = static_cast<scalar_t>(dgv);
+          du[i] = static_cast<scalar_t>(duv);
         }
       }
     });

@@ -1,5 +1,6 @@
 // Fused AdamW over a flat fp32 shard (CUDA): the CUDA implementation of megatron_ds::fused_adamw_,
-// whose schema and CPU kernel live in csrc/kernels/cpu/adamw.cpp (same arithmetic, see there).
+// whose schema and CPU kernel live in csrc/kernels/cpu/adamw.cpp; the per-element update, the
+// step's scalars and the checks are shared with it (csrc/kernels/common/adamw_common.h).
 // One thread per 4 elements with float4 loads when the pointers allow, a grid-stride loop.
 
 #include <ATen/ATen.h>
@@ -8,21 +9,14 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <cstdint>
+
+#include "../common/adamw_common.h"
 
 namespace {
 
-struct AdamWScalars {
-  float decay, b2, one_minus_b1, one_minus_b2, step_size, bc2_sqrt, eps;
-};
-
-__device__ __forceinline__ void adamw_one(float& p, float g, float& m, float& v, const AdamWScalars& s) {
-  p *= s.decay;
-  m = m + s.one_minus_b1 * (g - m);
-  v = v * s.b2 + s.one_minus_b2 * g * g;
-  p -= s.step_size * (m / (sqrtf(v) / s.bc2_sqrt + s.eps));
-}
+using megatron_ds::AdamWScalars;
+using megatron_ds::adamw_one;
 
 __global__ void adamw_vec4_kernel(float4* __restrict__ p, const float4* __restrict__ g, float4* __restrict__ m,
                                   float4* __restrict__ v, int64_t n4, AdamWScalars s) {
@@ -51,30 +45,12 @@ __global__ void adamw_scalar_kernel(float* __restrict__ p, const float* __restri
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
-void check(const at::Tensor& t, const at::Tensor& like, const char* name) {
-  TORCH_CHECK(t.is_cuda(), "fused_adamw_: ", name, " must be a CUDA tensor");
-  TORCH_CHECK(t.scalar_type() == at::kFloat, "fused_adamw_: ", name, " must be float32, got ", t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), "fused_adamw_: ", name, " must be contiguous");
-  TORCH_CHECK(t.numel() == like.numel(), "fused_adamw_: ", name, " has ", t.numel(), " elements, param has ",
-              like.numel());
-  TORCH_CHECK(t.device() == like.device(), "fused_adamw_: ", name, " is on ", t.device(), ", param on ",
-              like.device());
-}
-
 void fused_adamw_cuda(at::Tensor param, const at::Tensor& grad, at::Tensor exp_avg, at::Tensor exp_avg_sq,
                       double lr, double beta1, double beta2, double eps, double weight_decay, int64_t step) {
-  check(param, param, "param");
-  check(grad, param, "grad");
-  check(exp_avg, param, "exp_avg");
-  check(exp_avg_sq, param, "exp_avg_sq");
-  TORCH_CHECK(step >= 1, "fused_adamw_: step is 1-based, got ", step);
+  megatron_ds::check_adamw_args(param, grad, exp_avg, exp_avg_sq);
+  const AdamWScalars s = megatron_ds::adamw_scalars(lr, beta1, beta2, eps, weight_decay, step);
   const int64_t n = param.numel();
   if (n == 0) return;
-  const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
-  const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
-  AdamWScalars s{static_cast<float>(1.0 - lr * weight_decay), static_cast<float>(beta2),
-                 static_cast<float>(1.0 - beta1), static_cast<float>(1.0 - beta2), static_cast<float>(lr / bc1),
-                 static_cast<float>(std::sqrt(bc2)), static_cast<float>(eps)};
   c10::cuda::CUDAGuard guard(param.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   float* p = param.data_ptr<float>();

@@ -6,8 +6,10 @@
 // which megatron_ds/kernels/fused.py loads first.
 //
 // Row kernels (norms, cross-entropy) use one block per row and a warp-shuffle block reduction;
-// elementwise kernels (rotary, SwiGLU) a flat grid-stride loop. Only c10/ATen core headers are
-// included (not ATen/cuda/CUDAContext.h), so the file compiles against a CPU-only torch too.
+// elementwise kernels (rotary, SwiGLU) a flat grid-stride loop whose per-element formulas are the
+// CPU kernels' own (csrc/kernels/common/elementwise_math.h), so the CPU tests check them too.
+// Only c10/ATen core headers are included (not ATen/cuda/CUDAContext.h), so the file compiles
+// against a CPU-only torch too.
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -20,6 +22,8 @@
 #include <cstdint>
 #include <limits>
 #include <vector>
+
+#include "../common/elementwise_math.h"
 
 namespace megatron_ds {
 namespace {
@@ -248,14 +252,10 @@ __global__ void rotary_kernel(T* __restrict__ t, int64_t s_len, int64_t b_len, i
     T* x = t + si * st0 + bi * st1 + hh * st2;
     const float* c = cos + si * c0 + bi * c1;
     const float* sn = sin + si * s0 + bi * s1;
-    const float x1 = to_f(x[i]), x2 = to_f(x[half + i]);
-    if (!backward) {
-      x[i] = static_cast<T>(x1 * c[i] - x2 * sn[i]);
-      x[half + i] = static_cast<T>(x2 * c[half + i] + x1 * sn[half + i]);
-    } else {
-      x[i] = static_cast<T>(x1 * c[i] + x2 * sn[half + i]);
-      x[half + i] = static_cast<T>(x2 * c[half + i] - x1 * sn[i]);
-    }
+    float y1, y2;
+    rotary_pair(to_f(x[i]), to_f(x[half + i]), c[i], sn[i], c[half + i], sn[half + i], backward, y1, y2);
+    x[i] = static_cast<T>(y1);
+    x[half + i] = static_cast<T>(y2);
   }
 }
 
@@ -292,8 +292,7 @@ __global__ void swiglu_fwd_kernel(const T* __restrict__ gu, T* __restrict__ out,
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < n * f;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = idx / f, i = idx % f;
-    const float g = to_f(gu[r * 2 * f + i]), u = to_f(gu[r * 2 * f + f + i]);
-    out[idx] = static_cast<T>(g / (1.f + __expf(-g)) * u);
+    out[idx] = static_cast<T>(swiglu_value(to_f(gu[r * 2 * f + i]), to_f(gu[r * 2 * f + f + i])));
   }
 }
 
@@ -303,10 +302,10 @@ __global__ void swiglu_bwd_kernel(const T* __restrict__ dout, const T* __restric
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < n * f;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = idx / f, i = idx % f;
-    const float g = to_f(gu[r * 2 * f + i]), u = to_f(gu[r * 2 * f + f + i]), d = to_f(dout[idx]);
-    const float sig = 1.f / (1.f + __expf(-g));
-    dgu[r * 2 * f + i] = static_cast<T>(d * u * sig * (1.f + g * (1.f - sig)));
-    dgu[r * 2 * f + f + i] = static_cast<T>(d * g * sig);
+    float dg, du;
+    swiglu_grad(to_f(gu[r * 2 * f + i]), to_f(gu[r * 2 * f + f + i]), to_f(dout[idx]), dg, du);
+    dgu[r * 2 * f + i] = static_cast<T>(dg);
+    dgu[r * 2 * f + f + i] = static_cast<T>(du);
   }
 }
 
