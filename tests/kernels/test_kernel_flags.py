@@ -50,22 +50,3 @@ def test_nothing_imports_transformer_engine_at_start():
 def test_no_fused_kernels_trains(capsys):
     assert main(TINY + ["--no-fused-kernels"]) == 0
 
-
-def _amax_groups():
-    from megatron_ds.kernels.te import amax_reduction
-    from megatron_ds.parallel.topology import build_parallel_state, group_size
-
-    tp2 = build_parallel_state(2, 1)
-    group, reduce = amax_reduction(tp2.tp_group)
-    one = amax_reduction(build_parallel_state(1, 2).tp_group)
-    return group is tp2.tp_group and group_size(group) == 2 and reduce, one
-
-
-def test_fp8_amax_is_reduced_over_the_tp_group_never_the_world():
-    """TE reads fp8_group=None as the whole world: at TP 1 the recipe must not reduce at all, and at
-    TP 2 it reduces over the TP group (whose ranks run the same GEMMs), not over PP or DP ranks."""
-    from tests.multiproc import run_world
-
-    for tp2_ok, tp1 in run_world(2, _amax_groups):
-        assert tp2_ok
-        assert tp1 == (None, False)
