@@ -33,14 +33,6 @@ from megatron_ds.data.tokenizer import build_tokenizer
 BAD_LINES_SHOWN = 10
 
 
-def encoded_blocks(files, encoder_args, workers, block_bytes):
-    """(EncodedBlock, disk bytes done) in corpus order; the first bad line raises (unless skipped)."""
-    for (encoded, error), disk in map_blocks(files, BlockEncoder, encoder_args, workers, block_bytes):
-        if error:
-            raise InputError(error)
-        yield encoded, disk
-
-
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--input", nargs="+", required=True,
@@ -84,7 +76,7 @@ def main(argv=None):
     progress = Progress(sum(os.path.getsize(f) for f in files), args.progress_interval)
     encoder_args = (tokenizer.path, args.json_keys, args.append_eod, dtype, args.skip_bad_lines)
     try:
-        for block, disk_done in encoded_blocks(files, encoder_args, args.workers, args.block_bytes):
+        for block, disk_done in map_blocks(files, BlockEncoder, encoder_args, args.workers, args.block_bytes):
             for key, builder in builders.items():
                 builder.add_documents(block.tokens[key], block.lengths[key])
             first_key = args.json_keys[0]

@@ -94,10 +94,7 @@ def main(argv=None) -> int:
     progress = Progress(sum(os.path.getsize(f) for f in files), args.progress_interval)
     worker_args = (tokenizer.path, template.name, args.skip_bad_conversations)
     try:
-        for (block, error), disk_done in map_blocks(files, SftBlockEncoder, worker_args, args.workers,
-                                                    args.block_bytes):
-            if error:
-                raise InputError(f"{error} (or pass --skip-bad-conversations)")
+        for block, disk_done in map_blocks(files, SftBlockEncoder, worker_args, args.workers, args.block_bytes):
             for line in block.bad:
                 if counts["bad"] < BAD_SHOWN:
                     print(f"warning: skipped {line}", file=sys.stderr)

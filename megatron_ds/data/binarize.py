@@ -16,6 +16,8 @@ import itertools
 import json
 import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 import sys
 import time
 from dataclasses import dataclass, field
@@ -154,12 +156,13 @@ def read_blocks(path: str, block_bytes: int = BLOCK_BYTES):
 
 
 def map_blocks(files, encoder_cls, encoder_args, workers: int, block_bytes: int = BLOCK_BYTES):
-    """((encoded block, None) or (None, error line), disk bytes done) for every block of ``files``,
-    in corpus order: ``encoder_cls(*encoder_args).encode(path, first line number, block)``.
+    """(encoded block, disk bytes done) for every block of ``files``, in corpus order:
+    ``encoder_cls(*encoder_args).encode(path, first line number, block)``. The first error line an
+    encoder reports (its ``user_errors``) is raised here as InputError, in corpus order.
 
     With ``workers`` > 1 the encoding runs in that many spawned processes, one encoder each; at
     most ``workers * BLOCKS_IN_FLIGHT_PER_WORKER`` blocks are in flight, so memory does not grow
-    with the corpus. With 1, everything runs here. The caller raises the first error line.
+    with the corpus. With 1, everything runs here.
     """
     done_before = 0  # disk bytes of the files already finished
 
@@ -170,25 +173,44 @@ def map_blocks(files, encoder_cls, encoder_args, workers: int, block_bytes: int 
                 yield (path, first, block), done_before + pos
             done_before += os.path.getsize(path)
 
+    def checked(result):
+        encoded, error = result
+        if error:
+            raise InputError(error)
+        return encoded
+
     init_args = (encoder_cls, *encoder_args)
     if workers <= 1:
         init_worker(*init_args)
         for job, disk in jobs():
-            yield encode_in_worker(*job), disk
+            yield checked(encode_in_worker(*job)), disk
         return
-    # Pool.imap would read ahead without bound (its feeder thread drains the generator), so keep
-    # our own window of async results and collect them in submission order instead.
-    ctx = multiprocessing.get_context("spawn")  # no fork of a process holding tokenizer threads
-    with ctx.Pool(workers, initializer=init_worker, initargs=init_args) as pool:
-        window = collections.deque()
+
+    def take(window):
+        future, disk = window.popleft()
+        try:
+            return checked(future.result()), disk
+        except BrokenProcessPool as e:  # a worker died (killed, out of memory) or its setup failed
+            raise InputError(f"a --workers process exited unexpectedly ({e}); rerun with --workers 1 to see "
+                             "where it fails") from None
+
+    # ProcessPoolExecutor, not multiprocessing.Pool: a worker that dies (or fails its setup) ends
+    # the run with an error instead of leaving its result waited for forever. Submissions are
+    # windowed by hand (map() would read the whole corpus ahead).
+    executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),  # no fork of
+                                   initializer=init_worker, initargs=init_args)  # a process with tokenizer threads
+    window = collections.deque()
+    try:
         for job, disk in jobs():
-            window.append((pool.apply_async(encode_in_worker, job), disk))
+            window.append((executor.submit(encode_in_worker, *job), disk))
             if len(window) >= workers * BLOCKS_IN_FLIGHT_PER_WORKER:
-                result, d = window.popleft()
-                yield result.get(), d
+                yield take(window)
         while window:
-            result, d = window.popleft()
-            yield result.get(), d
+            yield take(window)
+    finally:
+        # After an error (or the caller stopping early) the blocks not started are dropped and the
+        # running ones, at most one per worker, finish before the workers exit.
+        executor.shutdown(wait=True, cancel_futures=True)
 
 
 class Progress:

@@ -78,7 +78,7 @@ class SftBlockEncoder:
                     raise BadLine(f"{path}:{line_no}: {e}") from None
             except BadLine as e:
                 if not self.skip_bad:
-                    raise
+                    raise BadLine(f"{e} (or pass --skip-bad-conversations)") from None
                 bad.append(str(e))
                 continue
             ids_all.extend(ids)
