@@ -4,9 +4,11 @@
    (csrc/kernels/cpu/adamw.cpp) against torch.optim.AdamW with foreach=True and with the for-loop,
    the params split into tensors of a transformer's sizes.
 2. A training step of the ``small`` model at DP=4 (gloo, 4 processes) with the plain-DP optimizer
-   and with ZeRO-1: step time, optimizer state per rank and peak resident memory per rank.
+   and with ZeRO-1: step time, optimizer state per rank and peak resident memory per rank. ZeRO-1
+   runs twice: with the parameter all-gather completed inside the step (the baseline) and with it
+   overlapping the next forward (``--overlap-param-gather``).
 
-    python benchmarks/bench_optimizer.py [--numel 100000000] [--steps 5] [--skip-dp]
+    python benchmarks/bench_optimizer.py [--numel 100000000] [--steps 5] [--skip-dp] [--dp 4]
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _dp_worker(rank: int, world: int, port: int, distributed: bool, steps: int, queue) -> None:
+def _dp_worker(rank: int, world: int, port: int, distributed: bool, overlap: bool, steps: int, queue) -> None:
     import torch.distributed as dist
 
     from megatron_ds.config import model_preset
@@ -92,7 +94,8 @@ def _dp_worker(rank: int, world: int, port: int, distributed: bool, steps: int, 
     state = build_parallel_state()
     cfg = model_preset("small")
     model = DeepSeekModel(cfg, seed=1234)
-    opt = MegatronOptimizer(model, state, lr=1e-3, bucket_size=2_000_000, distributed=distributed)
+    opt = MegatronOptimizer(model, state, lr=1e-3, bucket_size=2_000_000, distributed=distributed,
+                            overlap_param_gather=overlap)
     gen = torch.Generator().manual_seed(rank)
     ids = torch.randint(0, cfg.vocab_size, (2, 256), generator=gen)
     times = []
@@ -116,13 +119,16 @@ def bench_dp(steps: int, world: int = 4) -> None:
     import torch.multiprocessing as mp
 
     print(f"small model ({'8x256'}), DP={world}, micro-batch 2 x 256 tokens, gloo, 1 thread per rank")
-    for distributed in (False, True):
+    times = {}
+    for name, distributed, overlap in (("plain DP", False, False), ("ZeRO-1, all-gather in the step", True, False),
+                                       ("ZeRO-1, all-gather overlapping the forward", True, True)):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         ctx = mp.get_context("spawn")
         q = ctx.Queue()
-        procs = [ctx.Process(target=_dp_worker, args=(r, world, port, distributed, steps, q)) for r in range(world)]
+        procs = [ctx.Process(target=_dp_worker, args=(r, world, port, distributed, overlap, steps, q))
+                 for r in range(world)]
         for p in procs:
             p.start()
         out = sorted(q.get() for _ in range(world))
@@ -131,9 +137,11 @@ def bench_dp(steps: int, world: int = 4) -> None:
         t = max(o[1] for o in out)
         state = out[0][2]
         rss = max(o[3] for o in out)
-        name = "ZeRO-1  " if distributed else "plain DP"
-        print(f"  {name}  step {t * 1e3:7.1f} ms   optimizer state/rank {state / 2**20:7.1f} MiB   "
+        times[name] = t
+        print(f"  {name:44s} step {t * 1e3:7.1f} ms   optimizer state/rank {state / 2**20:7.1f} MiB   "
               f"peak RSS/rank {rss / 2**20:7.1f} MiB")
+    print(f"  ZeRO-1 all-gather overlap: {times['ZeRO-1, all-gather in the step'] / times[name]:.3f}x the step "
+          f"with the all-gather inside it")
 
 
 def main() -> None:
@@ -141,10 +149,11 @@ def main() -> None:
     ap.add_argument("--numel", type=int, default=100_000_000)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--skip-dp", action="store_true", help="only the AdamW kernel comparison")
+    ap.add_argument("--dp", type=int, default=4, help="data-parallel ranks of the training-step comparison")
     args = ap.parse_args()
     bench_adamw(args.numel, args.steps)
     if not args.skip_dp:
-        bench_dp(args.steps)
+        bench_dp(args.steps, args.dp)
 
 
 if __name__ == "__main__":

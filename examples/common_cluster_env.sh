@@ -178,7 +178,8 @@ cluster_launch() {
 # ---- the paper's recipe --------------------------------------------------------------------------------
 # Both model scripts set MODEL, NUM_LAYERS, SEQ_LENGTH, GLOBAL_BATCH, LR, TP, PP, MICRO_BATCH and ARGS
 # (extra flags), then call this: AdamW 0.9/0.95, weight decay 0.1, clip 1.0, init std 0.006, 2000 warmup
-# steps, multi-step LR (x0.316 at 80%, x0.1 at 90%), bf16, ZeRO-1, checkpoints every 5 minutes.
+# steps, multi-step LR (x0.316 at 80%, x0.1 at 90%), bf16, ZeRO-1 with its parameter all-gather
+# overlapping the forward, checkpoints every 5 minutes.
 pretrain_with_paper_recipe() {
     require_env DATA_PATH "prefix of the .bin/.idx written by tools/preprocess_data.py"
     require_env TOKENIZER "tokenizer.json"
@@ -191,7 +192,7 @@ pretrain_with_paper_recipe() {
     TRAIN_ARGS=(
         --model "$MODEL"
         --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" "${SPLIT_ARGS[@]}"
-        "${SP_ARGS[@]}" --use-distributed-optimizer --bf16
+        "${SP_ARGS[@]}" --use-distributed-optimizer --overlap-param-gather --bf16
         --seq-length "$SEQ_LENGTH" --max-position-embeddings "$SEQ_LENGTH"
         --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH" --train-iters "$TRAIN_ITERS"
         --lr "$LR" --lr-warmup-iters 2000 --lr-decay-style multistep

@@ -71,7 +71,7 @@ if [[ "$PRECOMPUTE" == 1 ]]; then PRECOMPUTE_ARGS=(--dpo-precompute-ref); fi
 TRAIN_ARGS=(
     --model "$MODEL"
     --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" "${SPLIT_ARGS[@]}"
-    "${SP_ARGS[@]}" --use-distributed-optimizer --bf16 --recompute-granularity selective
+    "${SP_ARGS[@]}" --use-distributed-optimizer --overlap-param-gather --bf16 --recompute-granularity selective
     --seq-length "$SEQ_LENGTH" --max-position-embeddings 4096
     --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH" --dpo-epochs 1
     --lr "$LR" --min-lr 0 --lr-warmup-iters "$WARMUP_ITERS" --lr-decay-style cosine

@@ -93,7 +93,7 @@ SCHEDULE_DESC="SFT stage $STAGE: $EPOCHS epoch(s) (--epochs: iterations from the
 TRAIN_ARGS=(
     --model "$MODEL"
     --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" "${SPLIT_ARGS[@]}"
-    "${SP_ARGS[@]}" --use-distributed-optimizer --bf16
+    "${SP_ARGS[@]}" --use-distributed-optimizer --overlap-param-gather --bf16
     --seq-length "$SEQ_LENGTH" --max-position-embeddings "$SEQ_LENGTH"
     --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH" --epochs "$EPOCHS"
     # AdamW as in pre-training (0.9/0.95, weight decay 0.1, clip 1.0); the schedule is ours, see above.

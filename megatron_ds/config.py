@@ -178,6 +178,11 @@ class TrainingConfig:
     use_distributed_optimizer: bool = False
     """ZeRO-1: each data-parallel rank keeps the fp32 master weights and Adam state of one contiguous 1/DP
     shard; gradients are reduce-scattered, updated parameters all-gathered."""
+    overlap_param_gather: bool = False
+    """ZeRO-1: leave the all-gather of the updated parameters in flight after the optimizer step and
+    let each module's forward wait only for the buckets holding its own parameters, so the gather
+    overlaps the next forward. Pays where the collective runs beside the compute (NCCL on GPUs); on
+    CPU gloo it competes with the compute for the same cores. Needs --use-distributed-optimizer."""
     recompute_granularity: Optional[str] = None
     """Activation recomputation: 'full' (whole layers) or 'selective' (the attention core); None keeps
     every activation."""
@@ -408,6 +413,8 @@ def validate(cfg: Config, world_size: int) -> None:
     check_pipeline_config(m.num_layers, p, t.global_batch_size // (t.micro_batch_size * dp))
     if t.keep_last_n is not None and t.keep_last_n < 1:
         raise ConfigError(f"--keep-last-n {t.keep_last_n}: keep at least 1 checkpoint")
+    if t.overlap_param_gather and not t.use_distributed_optimizer:
+        raise ConfigError("--overlap-param-gather overlaps ZeRO-1's parameter all-gather: add --use-distributed-optimizer")
     if t.save_interval < 0 or t.save_interval_minutes < 0:
         raise ConfigError("--save-interval and --save-interval-minutes must be >= 0")
     if t.lr_decay_style not in ("multistep", "cosine", "constant", "wsd"):

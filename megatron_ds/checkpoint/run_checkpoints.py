@@ -111,6 +111,7 @@ class RunCheckpoints:
     def save(self, iteration: int, consumed_samples: int) -> str:
         """Collective: every rank. Returns the checkpoint directory (complete after ``wait``)."""
         t0 = time.perf_counter()
+        self.optimizer.finish_param_sync()  # ZeRO-1: the weights written must be whole, not in flight
         schedule = {"iteration": iteration, "consumed_samples": consumed_samples,
                     "style": self.t.lr_decay_style, "train_iters": self.t.train_iters}
         common = {"lr_schedule": schedule, "optimizer": optimizer_common_state(self.optimizer)}

@@ -21,6 +21,12 @@ Step (``step(lr) -> grad_norm``):
   3. global grad norm: sum of squares over the local shard (TP-replicated params on TP rank 0 only),
      all-reduced over DP (ZeRO-1: the shards are disjoint) and over the model-parallel group;
   4. clip; 5. fused AdamW on the shard; 6. copy to the model params (bf16) and all-gather (ZeRO-1).
+
+``overlap_param_gather`` (``--overlap-param-gather``, ZeRO-1): ``step`` returns with one async
+all-gather per bucket still in flight, and a forward pre-hook on every module that owns parameters
+waits for just the buckets holding them, so layer i computes while the buckets of later layers
+still arrive. Whoever reads the params outside a forward (checkpoint save, the end of training)
+calls ``finish_param_sync`` first; ``step`` itself does before it writes them.
 """
 
 from __future__ import annotations
@@ -93,7 +99,7 @@ class MegatronOptimizer:
     def __init__(self, model_chunks, state: ParallelState, *, lr: float = 1e-3, weight_decay: float = 0.1,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, clip_grad: float = 1.0,
                  bucket_size: int = 25_000_000, distributed: bool = False, overlap: bool = True,
-                 use_fused_kernel: bool = True):
+                 overlap_param_gather: bool = False, use_fused_kernel: bool = True):
         chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
         self.state = state
         self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, betas, eps
@@ -103,6 +109,12 @@ class MegatronOptimizer:
         self.iteration = 0  # Adam's t: updates taken so far
         self.shards = [self._build_shard(c, bucket_size, overlap) for c in chunks]
         self.grad_buffers = [s.grad_buffer for s in self.shards]
+        self._gathering = False  # ZeRO-1: parameter all-gathers in flight since the last step
+        self.overlap_param_gather = overlap_param_gather and distributed and group_size(state.dp_group) > 1
+        self._hooks = []
+        if self.overlap_param_gather:
+            for c, s in zip(chunks, self.shards):
+                self._hook_forward(c, s.grad_buffer)
 
     # -- construction --------------------------------------------------------------------------
 
@@ -167,6 +179,28 @@ class MegatronOptimizer:
         shard.norm_segments = _merge(norm)
         shard.tp_sum_segments = _merge(tp_sum)
 
+    def _hook_forward(self, chunk: torch.nn.Module, gb: GradBuffer) -> None:
+        """A forward pre-hook on every module that owns trainable params: wait for their buckets."""
+        for module in chunk.modules():
+            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            if not own:
+                continue
+            buckets = list({id(b): b for b in map(gb.bucket_of, own)}.values())
+
+            def wait(_module, _args, gb=gb, buckets=buckets):
+                if self._gathering:
+                    gb.wait_param_gather(buckets)
+
+            self._hooks.append(module.register_forward_pre_hook(wait))
+
+    def finish_param_sync(self) -> None:
+        """Complete the ZeRO-1 parameter all-gathers still in flight: after this every rank's model
+        params are whole. Call before reading the params outside a forward."""
+        if self._gathering:
+            for s in self.shards:
+                s.grad_buffer.wait_param_gather()
+            self._gathering = False
+
     # -- the step ------------------------------------------------------------------------------
 
     def zero_grad(self) -> None:
@@ -207,6 +241,7 @@ class MegatronOptimizer:
         returning it), so one bad batch cannot write NaN into the master weights.
         """
         lr = self.lr if lr is None else lr
+        self.finish_param_sync()  # a param no forward read may still be arriving; it is written below
         for s in self.shards:
             s.grad_buffer.finish_grad_sync()
         self._sum_tp_replicated_grads()
@@ -229,7 +264,10 @@ class MegatronOptimizer:
                 for buf_off, sh_off, n in s.ranges:
                     s.param_buffer[buf_off: buf_off + n].copy_(s.master[sh_off: sh_off + n])
             if self.distributed:
-                s.grad_buffer.all_gather_params(s.param_buffer)
+                s.grad_buffer.start_param_gather(s.param_buffer)
+        self._gathering = self.distributed and group_size(self.state.dp_group) > 1
+        if not self.overlap_param_gather:
+            self.finish_param_sync()  # else the next forward's pre-hooks wait, bucket by bucket
         return norm
 
     # -- state ---------------------------------------------------------------------------------
@@ -238,6 +276,7 @@ class MegatronOptimizer:
     def reload_model_params(self) -> None:
         """Copy the model params into the fp32 master weights: call after loading model weights
         from a checkpoint that has no optimizer state (bf16 or ZeRO-1 keep a separate master)."""
+        self.finish_param_sync()
         for s in self.shards:
             if not s.master_is_param_buffer:
                 for buf_off, sh_off, n in s.ranges:
@@ -280,4 +319,5 @@ def build_optimizer(training_cfg, model_chunks, state: ParallelState) -> Megatro
     return MegatronOptimizer(model_chunks, state, lr=t.lr, weight_decay=t.weight_decay,
                              betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, clip_grad=t.clip_grad,
                              bucket_size=int(t.bucket_size_mb * 1024 * 1024 / 4),
-                             distributed=getattr(t, "use_distributed_optimizer", False))
+                             distributed=getattr(t, "use_distributed_optimizer", False),
+                             overlap_param_gather=getattr(t, "overlap_param_gather", False))

@@ -18,7 +18,9 @@ Two contracts, chosen by ``distributed``:
   chunks; rank r owns chunk r of every bucket. After ``finish_grad_sync`` ``shard_grad`` (a
   contiguous fp32 tensor of ``buffer.numel() / dp`` elements: rank r's chunks, bucket after bucket)
   holds the SUM over DP of those chunks; the rest of ``buffer`` is this rank's own partial grads.
-  ``shard_ranges`` says which buffer slices the shard is made of.
+  ``shard_ranges`` says which buffer slices the shard is made of. After the optimizer has updated
+  its chunks of the params (laid out like this buffer), ``start_param_gather`` / ``wait_param_gather``
+  all-gather them back bucket by bucket.
 
 The loss each rank back-propagates is already divided by the token count of the *global* batch
 (see training/schedules.py), so the DP reduction is a plain SUM, not an average.
@@ -43,7 +45,8 @@ class _Bucket:
         self.start = start  # offset of data in the buffer
         self.shard = None  # ZeRO-1: this rank's (numel / dp,) view of shard_grad
         self.pending = set(id(p) for p in params)
-        self.handle = None
+        self.handle = None  # the gradient reduce-scatter / all-reduce in flight
+        self.gather = None  # ZeRO-1: (handle, input) of the parameter all-gather in flight
 
     def reset(self) -> None:
         self.pending = set(id(p) for p in self.params)
@@ -143,16 +146,30 @@ class GradBuffer:
         for b in self.buckets:
             b.handle.wait()
 
-    def all_gather_params(self, param_buffer: torch.Tensor) -> None:
+    def start_param_gather(self, param_buffer: torch.Tensor) -> None:
         """ZeRO-1: every rank has written its own chunks of ``param_buffer`` (same layout as the grad
-        buffer, any dtype); gather the other ranks' chunks bucket by bucket."""
+        buffer, any dtype); start gathering the other ranks' chunks, one async all-gather per bucket.
+
+        They are issued in the order the next forward reads them: the buffer is in reverse parameter
+        order, so the last bucket holds the first layers. ``wait_param_gather`` completes them; until
+        then the params of a bucket in flight must not be read or written.
+        """
         if self.dp_size == 1:
             return
-        handles = []
-        for b, (buf_off, _, chunk) in zip(self.buckets, self.shard_ranges):
+        for b, (buf_off, _, chunk) in reversed(list(zip(self.buckets, self.shard_ranges))):
+            assert b.gather is None, "a parameter all-gather was started twice"
             out = param_buffer[b.start: b.start + b.data.numel()]
-            # A copy as input: gloo does not promise that an input aliasing the output is safe.
+            # A copy as input: gloo does not promise that an input aliasing the output is safe. It
+            # is kept with the handle, alive until the wait.
             mine = param_buffer[buf_off: buf_off + chunk].clone()
-            handles.append(_all_gather(out, mine, group=self.dp_group, async_op=True))
-        for h in handles:
-            h.wait()
+            b.gather = (_all_gather(out, mine, group=self.dp_group, async_op=True), mine)
+
+    def wait_param_gather(self, buckets: list[_Bucket] | None = None) -> None:
+        """Wait for the parameter all-gathers of ``buckets`` (default: all) that are still in flight."""
+        for b in self.buckets if buckets is None else buckets:
+            if b.gather is not None:
+                b.gather[0].wait()
+                b.gather = None
+
+    def bucket_of(self, param: torch.nn.Parameter) -> _Bucket:
+        return self._bucket_of[id(param)]

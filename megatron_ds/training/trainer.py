@@ -227,5 +227,7 @@ class Trainer:
                 self.log_validation(res.iteration, self.last_eval)
                 window_start = time.time()  # evaluation time is not training throughput
             if on_step is not None:
-                on_step(res)
+                on_step(res)  # may raise StopTraining, after a save that completed the params
+        # ZeRO-1's last all-gather overlaps a forward that never comes: the params are whole from here.
+        self.optimizer.finish_param_sync()
         return res

@@ -64,7 +64,7 @@ def test_dry_run_command_is_the_recipe_and_parses(script, nnodes):
     assert (t.global_batch_size, t.lr, t.seq_length, t.lr_warmup_iters, t.lr_decay_style) == (gbs, lr, 4096, 2000, "multistep")
     assert (t.lr_decay_milestones, t.lr_decay_factors) == ("0.8,0.9", "0.316,0.1")
     assert (t.adam_beta1, t.adam_beta2, t.weight_decay, t.clip_grad, cfg.model.init_method_std) == (0.9, 0.95, 0.1, 1.0, 0.006)
-    assert t.bf16 and t.use_distributed_optimizer
+    assert t.bf16 and t.use_distributed_optimizer and t.overlap_param_gather
     assert cfg.parallel.sequence_parallel == (cfg.parallel.tensor_model_parallel_size > 1)
     assert t.train_iters == math.ceil(2e12 / (gbs * 4096))  # 2T tokens
     assert cfg.data.data_path == ["/unset/DATA_PATH"] and t.save == t.load == "/unset/CKPT_DIR"
@@ -174,7 +174,7 @@ def test_dpo_67b_dry_run_is_the_papers_dpo_recipe_and_parses(nnodes):
     # The paper's DPO: 1 epoch, LR 5e-6, batch 512, warmup then cosine.
     assert (d.dpo_epochs, t.lr, t.global_batch_size, t.lr_decay_style) == (1.0, 5e-6, 512, "cosine")
     assert t.lr_warmup_iters > 0 and d.dpo_beta == 0.1 and d.dpo_loss_type == "sigmoid"
-    assert cfg.preset == "deepseek-67b" and t.bf16 and t.use_distributed_optimizer and d.dpo_precompute_ref
+    assert cfg.preset == "deepseek-67b" and t.bf16 and t.use_distributed_optimizer and t.overlap_param_gather and d.dpo_precompute_ref
     assert (cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size) == (4, 32)
     assert d.dpo_data == "/unset/DPO_DATA" and d.dpo_ref_load == "/unset/SFT_CKPT"
     assert t.save == t.load == "/unset/CKPT_DIR"

@@ -56,7 +56,7 @@ def test_stage1_is_the_papers_7b_recipe_from_the_base_model():
     cfg = parse(sft_args(r.stdout), 16)
     t = cfg.training
     assert cfg.preset == "deepseek-7b" and (cfg.sft.epochs, t.lr) == (4, 1e-5)  # the paper: 4 epochs at 1e-5
-    assert (t.seq_length, t.bf16, t.use_distributed_optimizer) == (4096, True, True)
+    assert (t.seq_length, t.bf16, t.use_distributed_optimizer, t.overlap_param_gather) == (4096, True, True, True)
     assert t.load == "/unset/BASE_CKPT" and t.save == "/unset/CKPT_DIR/stage1" and not cfg.sft.resume_sft
     assert cfg.data.data_path == ["/unset/SFT_DATA"]
     assert "SFT stage 1: 4 epoch(s)" in r.stdout and "world size 16" in r.stdout
