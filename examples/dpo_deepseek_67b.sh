@@ -19,13 +19,13 @@
 #
 # Layout: TP 4 x PP 32 (DP 2 on 256 GPUs), one pair (two 4096-token rows) per micro-batch, selective recompute.
 # That is the fastest layout `python tools/plan_layout.py --model deepseek-67b --gpus 256 --gpu h100
-# --global-batch-size 1024 --micro-batch-sizes 2` finds for 512 pairs = 1024 rows: est. 17.7 s/step, 67.4 GiB of
+# --global-batch-size 1024 --micro-batch-sizes 2` finds for 512 pairs = 1024 rows: est. 17.7 s/step, 67.7 GiB of
 # the 68 GiB budget on stage 0. It has no room for a second, frozen copy of the weights during training, so the
 # reference log-probs are precomputed in one forward-only pass before the first step and the reference model is
 # freed (PRECOMPUTE=1; for one epoch this costs the same reference forwards as computing them every step). With
 # PRECOMPUTE=0 the reference stays resident (+1.4 GiB bf16 weights per GPU at TP 4 x PP 32): use a layout with
-# room, e.g. TP=8 PP=8 (est. 54.8 GiB). The pipeline's 95 layers: 3 per stage, the last stage 2 (it also runs the
-# LM head and the loss).
+# room, e.g. TP=8 PP=8 (est. 53.9 GiB with the reference). The pipeline's 95 layers: 3 per stage, the last stage
+# 2 (it also runs the LM head and the loss).
 #SBATCH --job-name=deepseek-67b-dpo
 #SBATCH --nodes=32
 #SBATCH --ntasks-per-node=1

@@ -14,7 +14,7 @@
 #
 # Layout: TP 2 x PP 32 (DP 4 on 256 GPUs), micro-batch 1, no recomputation. That is the fastest layout
 # `python tools/plan_layout.py --model deepseek-67b --gpus 256 --gpu h100` finds that fits in 80 GB:
-# est. 66.9 s/step, 65.9 GiB on the fullest GPU (stage 0: 32 micro-batches in flight of 3 layers each).
+# est. 66.8 s/step, 66.3 GiB on the fullest GPU (stage 0: 32 micro-batches in flight of 3 layers each).
 # TP stays at 2 because the trainer does not yet overlap the SP collectives with GEMMs, so every TP doubling
 # adds exposed NVLink time (TP 8 x PP 8: est. 80.0 s/step, 25% of it TP traffic); the depth goes to the pipeline
 # instead, whose bubble (P-1)/(M+P-1) is small at M = 1152 micro-batches. 95 layers do not divide by 32:

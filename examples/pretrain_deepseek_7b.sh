@@ -14,7 +14,7 @@
 #
 # Layout: TP 1 x PP 1 (DP 64 on 64 GPUs), micro-batch 1, no recomputation: the fastest layout
 # `python tools/plan_layout.py --model deepseek-7b --gpus 64 --gpu h100` finds that fits in 80 GB
-# (est. 12.9 s/step, 59.5 GiB: 40 GiB of bf16 params, fp32 grads and the 1/64 ZeRO-1 shard + 19 GiB of
+# (est. 12.8 s/step, 58.8 GiB: 40 GiB of bf16 params, fp32 grads and the 1/64 ZeRO-1 shard + 18 GiB of
 # activations). 7B fits a whole GPU, so any TP only adds exposed NVLink time (TP 2 is ~4% slower at
 # mb 4) and any PP a bubble; --sequence-parallel is dropped at TP 1 (nothing to split) and returns with
 # TP=2. On 40 GB A100s (--gpu a100 --memory-gib 40) the planner moves to PP=4 (split 8,8,8,6: the last

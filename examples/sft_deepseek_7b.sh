@@ -21,9 +21,9 @@
 # A stage that finds its own checkpoint under CKPT_DIR (an interrupted run) resumes it (--resume-sft:
 # iteration, data position, optimizer); otherwise it starts from the weights it is given (iteration 0).
 #
-# Layout: TP 1 x PP 1 x DP 16 on 2 nodes, micro-batch 1 x 4096 tokens (tools/plan_layout.py: est. 62.8 of 68 GiB
-# usable on an 80 GB H100, 3.4 s/step): 7B with ZeRO-1 over 16 ranks is ~45 GiB
-# of bf16 params, fp32 grads and the optimizer shard plus ~19 GiB of activations, inside 80 GB; SFT needs far
+# Layout: TP 1 x PP 1 x DP 16 on 2 nodes, micro-batch 1 x 4096 tokens (tools/plan_layout.py: est. 63.6 of 68 GiB
+# usable on an 80 GB H100, 3.2 s/step): 7B with ZeRO-1 over 16 ranks is ~45 GiB
+# of bf16 params, fp32 grads and the optimizer shard plus ~18 GiB of activations, inside 80 GB; SFT needs far
 # fewer steps than pre-training, so 2 nodes finish stage 1 in about a day on ~1.5M conversations.
 #SBATCH --job-name=deepseek-7b-sft
 #SBATCH --nodes=2

@@ -18,7 +18,9 @@ Step-time model (one optimizer step, every quantity per GPU):
         (t_mb: the slowest stage's forward + backward of one micro-batch; M micro-batches per DP rank).
     ZeRO-1 per step: reduce-scatter of fp32 grads (4 bytes) and all-gather of bf16 params (2 bytes) of the
         rank's parameters n, each (d-1)/d * n * bytes over IB (NVLink if the DP group stays in a node);
-        ``dp_overlap`` of the reduce-scatter hides behind the last micro-batch's backward.
+        ``dp_overlap`` of the reduce-scatter hides behind the last micro-batch's backward, and
+        ``param_gather_overlap`` of the all-gather behind the next step's first forward
+        (--overlap-param-gather, which the launch scripts set).
 
 Every collective also pays ``latency_us``. Nothing here is measured; the figures are settable.
 """
@@ -70,6 +72,9 @@ class Cluster:
     """Fixed cost of each collective or p2p transfer."""
     dp_overlap: float = 0.5
     """Share of the ZeRO-1 reduce-scatter hidden behind the last micro-batch's backward."""
+    param_gather_overlap: float = 0.5
+    """Share of the ZeRO-1 parameter all-gather hidden behind the next step's first forward
+    (--overlap-param-gather); 0 models a run without that flag."""
     tp_overlap: float = 0.0
     """Share of TP/SP communication hidden behind GEMMs (0: this trainer does not overlap them yet)."""
 
@@ -300,7 +305,9 @@ def evaluate(config: ModelConfig, cluster: Cluster, lay: Layout, *, global_batch
     t_rs = comm_time(rs, dp_gbps, cluster) if rs else 0.0
     t_ag = comm_time(ag, dp_gbps, cluster) if ag else 0.0
     hidden = min(cluster.dp_overlap * t_rs, stage_compute[0] * 2 / 3)  # the last backward is ~2/3 of t_mb
-    dp_s = t_rs - hidden + t_ag
+    # Stage 0's first forward (~1/3 of t_mb) is the shortest window: later stages start theirs later.
+    hidden_ag = min(cluster.param_gather_overlap * t_ag, stage_compute[0] / 3)
+    dp_s = t_rs - hidden + t_ag - hidden_ag
 
     plan.feasible = True
     plan.num_microbatches = M

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-tflops", type=float, help="dense bf16 peak per GPU (TFLOP/s); default from --gpu")
     p.add_argument("--nvlink-gbps", type=float, help="intra-node bus bandwidth per GPU (GB/s); default from --gpu")
     p.add_argument("--ib-gbps", type=float, help="inter-node bandwidth per GPU (GB/s); default from --gpu")
-    for f in ("gemm_efficiency", "headroom", "latency_us", "dp_overlap", "tp_overlap"):
+    for f in ("gemm_efficiency", "headroom", "latency_us", "dp_overlap", "param_gather_overlap", "tp_overlap"):
         default = getattr(planner.Cluster(num_gpus=1), f)
         p.add_argument("--" + f.replace("_", "-"), type=float, default=default, help=f"default {default}")
     p.add_argument("--global-batch-size", type=int, help="sequences per step; default the paper's (7B 2304, 67B 4608)")
@@ -69,7 +69,8 @@ def main(argv=None) -> int:
             ib_gbps=args.ib_gbps).items() if v is not None})
         cluster = planner.Cluster(num_gpus=args.gpus, gpus_per_node=args.gpus_per_node, gpu=gpu,
                                   gemm_efficiency=args.gemm_efficiency, headroom=args.headroom,
-                                  latency_us=args.latency_us, dp_overlap=args.dp_overlap, tp_overlap=args.tp_overlap)
+                                  latency_us=args.latency_us, dp_overlap=args.dp_overlap,
+                                  param_gather_overlap=args.param_gather_overlap, tp_overlap=args.tp_overlap)
         gbs = args.global_batch_size or PAPER_BATCH.get(args.model)
         if gbs is None:
             raise ConfigError(f"--global-batch-size is needed for --model {args.model}")

@@ -50,6 +50,28 @@ def test_comm_time_is_bandwidth_plus_latency():
     assert planner.comm_time(2e9, 100, c, count=3) == pytest.approx(0.02 + 30e-6)
 
 
+def test_overlapped_param_gather_hides_at_most_the_first_forward():
+    """--overlap-param-gather: the exposed DP time drops by param_gather_overlap of the all-gather, but
+    never by more than stage 0's first forward (a third of its forward + backward of one micro-batch)."""
+    import dataclasses
+
+    config, lay = model_preset("deepseek-7b"), planner.Layout(1, 1, 64, 1, None, 1, (30,))
+    without = planner.Cluster(num_gpus=64, gpu=planner.GPUS["a100"], param_gather_overlap=0.0)
+    base = planner.evaluate(config, without, lay, global_batch=2304, seq=4096)
+    t_ag = planner.comm_time(planner.zero1_bytes(base.memory.num_params, 64)[1], without.gpu.ib_gbps, without)
+    for share in (0.5, 1.0):
+        p = planner.evaluate(config, dataclasses.replace(without, param_gather_overlap=share), lay,
+                             global_batch=2304, seq=4096)
+        first_forward = p.compute_s / p.num_microbatches / 3
+        hidden = base.dp_comm_s - p.dp_comm_s
+        assert hidden == pytest.approx(min(share * t_ag, first_forward))
+        assert p.step_s == pytest.approx(base.step_s - hidden)
+    tiny_batch = planner.evaluate(config, dataclasses.replace(without, param_gather_overlap=1.0), lay,
+                                  global_batch=64, seq=256)
+    tiny_base = planner.evaluate(config, without, lay, global_batch=64, seq=256)
+    assert tiny_base.dp_comm_s - tiny_batch.dp_comm_s == pytest.approx(tiny_batch.compute_s / 3)  # capped
+
+
 @pytest.mark.parametrize("vpp", [1, 2])
 def test_bubble_is_pipeline_fill_over_step(vpp):
     """8 layers, PP 4 x DP 2, 16 sequences of mb 1: M = 8 micro-batches; bubble (P-1)/V / (M + (P-1)/V)."""
