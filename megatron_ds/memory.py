@@ -16,7 +16,8 @@ the activation dtype, for one micro-batch of b sequences of s tokens:
 
     per layer, elements saved                              (t = TP, n_q/n_kv heads of size d, f = FFN)
     2 norm inputs                  2 s b h / t_sp          (t_sp = t under SP, else 1)
-    QKV and gate/up inputs         2 s b h                 (the all-gathered input, under SP too)
+    QKV and gate/up inputs         2 s b h / t_sp          (under SP the local shard: backward gathers
+                                                            it again, parallel/linear_comm.py)
     q, k pre- and post-rotary, v   s b d (2 n_q + 3 n_kv) / t
     attention output               s b d n_q / t           (input of the out-projection)
     SwiGLU gate, up, product       3 s b f / t
@@ -107,14 +108,14 @@ def activation_elements_per_layer(config: ModelConfig, *, tp: int, sp: bool, seq
     if recompute == "full":
         return layer_input
     norms = 2 * s * b * h // t_sp
-    gathered = 2 * s * b * h
+    linear_inputs = 2 * s * b * h // t_sp  # QKV and gate/up: kept as the local shard under SP
     qkv = s * b * d * (2 * nq + 3 * nkv_local) // tp
     attn_out = s * b * d * nq // tp
     mlp = 3 * s * b * f // tp
     if recompute == "selective":
         qkv -= s * b * d * (nq + nkv_local) // tp
         attn_out = 0
-    return norms + gathered + qkv + attn_out + mlp
+    return norms + linear_inputs + qkv + attn_out + mlp
 
 
 def estimate(config: ModelConfig, *, tp: int = 1, pp: int = 1, dp: int = 1, sp: bool = False,
@@ -155,11 +156,13 @@ def estimate(config: ModelConfig, *, tp: int = 1, pp: int = 1, dp: int = 1, sp: 
         act += seq * micro_batch * v * (p_bytes + (0 if fused_cross_entropy else 4))
     # The peak comes early in a backward, with a micro-batch's activations all alive: the gradient of
     # the stage's largest weight (the LM head's [V/t, h] on the last stage, else the fused gate/up
-    # [2f/t, h]) and of the hidden states [s, b, h] (under SP, of the gathered input) are held then.
+    # [2f/t, h]) and of its input [s, b, h] (under SP, before its reduce-scatter) are held then, and
+    # under SP also that input gathered again for the weight's gradient [s, b, h].
     # The embedding's gradient [V/t, h] comes at the end of stage 0's backward, after its activations.
     h = config.hidden_size
     largest_weight = (config.padded_vocab_size(tp) // tp if last else 2 * config.ffn_hidden_size // tp) * h
-    transient = (largest_weight + seq * micro_batch * h) * p_bytes
+    regathered = seq * micro_batch * h if sp and tp > 1 else 0
+    transient = (largest_weight + seq * micro_batch * h + regathered) * p_bytes
     return MemoryEstimate(params=params, grads=grads, optimizer=optimizer, activations_per_microbatch=act,
                           in_flight=pp - pp_rank if pp > 1 else 1, num_params=n, backward_transient=transient)
 

@@ -7,10 +7,14 @@ Step-time model (one optimizer step, every quantity per GPU):
         F per token = 6 x GEMM weights + 12 h s per layer (megatron_ds/flops.py, no causal discount),
         + 6 h V for the LM head on the last stage; recompute 'full' adds one more forward of the
         layers (x 4/3), 'selective' the attention core's forward (4 h s per layer and token).
-    TP (SP) comm per layer per micro-batch, over NVLink:
-        4 all-gathers + 4 reduce-scatters (2 + 2 forward, 2 + 2 backward) of the (s b h) bf16 activation,
-        each moving (t-1)/t of it per GPU  ->  8 (t-1)/t * s b h * 2 bytes
-        (without SP: 4 all-reduces of 2 (t-1)/t each, the same volume); full recompute adds the forward's 4.
+    TP (SP) comm per layer per micro-batch, over NVLink, 10 transfers of the (s b h) bf16 activation,
+        each moving (t-1)/t of it per GPU  ->  10 (t-1)/t * s b h * 2 bytes:
+        forward 2 all-gathers + 2 reduce-scatters; backward the 2 all-gathers of the row-parallel
+        outputs' grads, and in each column-parallel backward (QKV, gate/up) the re-gather of its
+        input and the reduce-scatter of its input grad (parallel/linear_comm.py); full recompute
+        adds the forward's 4 again. The column-parallel ones overlap a GEMM each (the re-gather the
+        dX GEMM, the reduce-scatter the dW GEMM, each 2 s b h out / t FLOPs) and are exposed only
+        by what exceeds it; ``tp_overlap`` of the other 6 (10 under full recompute) is hidden.
     PP p2p per micro-batch per stage: the stage's output forward and its gradient backward, each
         s b h * 2 / t bytes (SP: each TP rank sends its sequence shard), x V when interleaved; over IB
         when the next stage is on another node, NVLink otherwise.
@@ -76,7 +80,8 @@ class Cluster:
     """Share of the ZeRO-1 parameter all-gather hidden behind the next step's first forward
     (--overlap-param-gather); 0 models a run without that flag."""
     tp_overlap: float = 0.0
-    """Share of TP/SP communication hidden behind GEMMs (0: this trainer does not overlap them yet)."""
+    """Share of the TP/SP communication outside the column-parallel backward (forward, row-parallel
+    backward) hidden behind GEMMs (0: this trainer does not overlap those)."""
 
     @property
     def budget_bytes(self) -> float:
@@ -228,8 +233,26 @@ def tp_bytes_per_layer(config: ModelConfig, tp: int, seq: int, micro_batch: int,
     """Bytes each GPU moves for TP/SP in one layer's forward + backward of one micro-batch (bf16)."""
     if tp == 1:
         return 0.0
-    collectives = 8 + (4 if recompute == "full" else 0)
+    collectives = 10 + (4 if recompute == "full" else 0)
     return collectives * (tp - 1) / tp * seq * micro_batch * config.hidden_size * 2
+
+
+def tp_time_per_layer(config: ModelConfig, cluster: Cluster, tp: int, seq: int, micro_batch: int,
+                      recompute: Optional[str], rate: float) -> float:
+    """Exposed seconds of one layer's TP/SP communication for one micro-batch (see the module
+    docstring); ``rate`` is the FLOP/s of the TP group."""
+    if tp == 1:
+        return 0.0
+    s, b, h = seq, micro_batch, config.hidden_size
+    one = (tp - 1) / tp * s * b * h * 2  # bytes of one all-gather or reduce-scatter of the activation
+    t_one = comm_time(one, cluster.gpu.nvlink_gbps, cluster)
+    plain = (6 + (4 if recompute == "full" else 0)) * t_one * (1 - cluster.tp_overlap)
+    qkv_rows = (config.num_attention_heads + 2 * config.num_kv_heads) * config.head_dim
+    overlapped = 0.0
+    for out in (qkv_rows, 2 * config.ffn_hidden_size):  # the two column-parallel GEMMs
+        gemm = 2 * s * b * h * out / rate  # one backward GEMM (dX or dW) on each rank of the TP group
+        overlapped += 2 * max(0.0, t_one - gemm)
+    return plain + overlapped
 
 
 def pp_bytes_per_microbatch(config: ModelConfig, tp: int, seq: int, micro_batch: int) -> float:
@@ -287,9 +310,7 @@ def evaluate(config: ModelConfig, cluster: Cluster, lay: Layout, *, global_batch
     layers_per_rank = [config.num_layers // lay.pp] * lay.pp if lay.vpp > 1 else list(lay.stage_layers)
     stage_compute = [(n * f_layer_run + (f_head if r == lay.pp - 1 else 0)) * s * b / rate
                      for r, n in enumerate(layers_per_rank)]
-    tp_layer = comm_time(tp_bytes_per_layer(config, lay.tp, s, b, lay.recompute), gpu.nvlink_gbps, cluster,
-                         count=(12 if lay.recompute == "full" else 8)) if lay.tp > 1 else 0.0
-    tp_layer *= 1 - cluster.tp_overlap
+    tp_layer = tp_time_per_layer(config, cluster, lay.tp, s, b, lay.recompute, rate)
     # Megatron rank order (tp fastest, then dp, then pp): neighbouring stages are tp*dp ranks apart.
     pp_gbps = gpu.ib_gbps if lay.tp * lay.dp >= cluster.gpus_per_node else gpu.nvlink_gbps
     pp_mb = comm_time(pp_bytes_per_microbatch(config, lay.tp, s, b) * lay.vpp, pp_gbps, cluster,

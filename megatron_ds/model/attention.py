@@ -32,10 +32,7 @@ from megatron_ds.config import ModelConfig
 from megatron_ds.kernels import Kernels, select_kernels
 from megatron_ds.model.kv_cache import KVCache
 from megatron_ds.parallel.layers import ColumnParallelLinear, RowParallelLinear
-from megatron_ds.parallel.mappings import (
-    copy_to_tensor_model_parallel_region,
-    gather_from_sequence_parallel_region,
-)
+from megatron_ds.parallel.linear_comm import linear_with_tp_comm
 from megatron_ds.parallel.random import InitMethod, init_method_normal, param_generator
 from megatron_ds.parallel.topology import group_rank, group_size
 
@@ -91,14 +88,11 @@ class ReplicatedKVLinear(nn.Module):
                 self.weight.copy_(master)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sequence_parallel:
-            # The consumer (this rank's query heads) is TP-sharded: dX is partial, so reduce-scatter it.
-            x = gather_from_sequence_parallel_region(x, self.tp_group, tensor_parallel_output_grad=True)
-        else:
-            x = copy_to_tensor_model_parallel_region(x, self.tp_group)
         d, h = self.head_dim, self.weight.shape[1]
         w = self.weight.view(2, self.num_kv_heads, d, h)[:, self.kv_head].reshape(2 * d, h)
-        return F.linear(x, w)  # [s, b, 2d]
+        # The consumer (this rank's query heads) is TP-sharded: dX is partial, so it is summed over TP
+        # (reduce-scattered under SP), as for a column-parallel linear.
+        return linear_with_tp_comm(x, w, self.tp_group, self.sequence_parallel)  # [s, b, 2d]
 
     def extra_repr(self) -> str:
         return f"kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, uses_kv_head={self.kv_head}, replicated"

@@ -22,9 +22,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_ds.parallel.linear_comm import linear_with_tp_comm
 from megatron_ds.parallel.mappings import (
-    copy_to_tensor_model_parallel_region,
-    gather_from_sequence_parallel_region,
     gather_from_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
@@ -96,11 +95,9 @@ class ColumnParallelLinear(nn.Module):
         _init_shard(self.weight, init_method, init_generator, tp_group, (output_size, input_size), 0, parts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sequence_parallel:
-            x = gather_from_sequence_parallel_region(x, self.tp_group, tensor_parallel_output_grad=True)
-        else:
-            x = copy_to_tensor_model_parallel_region(x, self.tp_group)
-        y = F.linear(x, self.weight)  # [s, b, out/tp]
+        # SP: all-gather of x, keeping only the local shard for backward; backward overlaps its
+        # collectives with the dX and dW GEMMs (parallel/linear_comm.py).
+        y = linear_with_tp_comm(x, self.weight, self.tp_group, self.sequence_parallel)  # [s, b, out/tp]
         if self.gather_output:
             y = gather_from_tensor_model_parallel_region(y, self.tp_group)  # [s, b, out]
         return y

@@ -2,6 +2,7 @@
 and the 67B proposals at 256 and 1024 GPUs checked by building the model on the meta device."""
 
 import contextlib
+import dataclasses
 import io
 
 import pytest
@@ -27,11 +28,30 @@ SMALL = ModelConfig(num_layers=4, hidden_size=128, ffn_hidden_size=352, num_atte
 
 
 def test_tp_sp_bytes_per_layer():
-    # 4 AG + 4 RS per layer (fwd 2 + 2, bwd 2 + 2), each moving 3/4 of 8192 bytes per GPU at TP 4
-    assert planner.tp_bytes_per_layer(SMALL, 4, 16, 2, None) == 8 * 6144
-    assert planner.tp_bytes_per_layer(SMALL, 4, 16, 2, "full") == 12 * 6144  # recompute repeats the forward's 4
-    assert planner.tp_bytes_per_layer(SMALL, 2, 16, 2, None) == 8 * 4096
+    # 10 transfers per layer, each moving 3/4 of 8192 bytes per GPU at TP 4: forward 2 AG + 2 RS;
+    # backward 2 AG (row-parallel grads) + 2 re-gathers and 2 RS (column-parallel backward)
+    assert planner.tp_bytes_per_layer(SMALL, 4, 16, 2, None) == 10 * 6144
+    assert planner.tp_bytes_per_layer(SMALL, 4, 16, 2, "full") == 14 * 6144  # recompute repeats the forward's 4
+    assert planner.tp_bytes_per_layer(SMALL, 2, 16, 2, None) == 10 * 4096
     assert planner.tp_bytes_per_layer(SMALL, 1, 16, 2, None) == 0
+
+
+def test_column_parallel_backward_comm_hides_behind_its_gemms():
+    # SMALL at TP 4: one transfer is 6144 bytes; at 1 GB/s and no latency that is 6.144 us.
+    c = planner.Cluster(num_gpus=4, latency_us=0.0,
+                        gpu=planner.GPUSpec("test", memory_gib=80, peak_bf16_tflops=1, nvlink_gbps=1, ib_gbps=1))
+    t_one = 6144 / 1e9
+    # qkv rows (8 + 2 * 4) * 16 = 256, gate/up 2 * 352 = 704; one backward GEMM = 2 s b h out / rate
+    gemms = [2 * 16 * 2 * 128 * out for out in (256, 704)]  # FLOPs
+    fast = 1e15  # GEMMs far shorter than a transfer: all 10 transfers exposed
+    assert planner.tp_time_per_layer(SMALL, c, 4, 16, 2, None, fast) == pytest.approx(
+        6 * t_one + sum(2 * (t_one - g / fast) for g in gemms))
+    slow = 1e6  # GEMMs longer than a transfer: the column-parallel 4 are hidden, 6 remain
+    assert planner.tp_time_per_layer(SMALL, c, 4, 16, 2, None, slow) == pytest.approx(6 * t_one)
+    assert planner.tp_time_per_layer(SMALL, c, 4, 16, 2, "full", slow) == pytest.approx(10 * t_one)
+    half = dataclasses.replace(c, tp_overlap=0.5)  # tp_overlap applies to the 6 outside the column backward
+    assert planner.tp_time_per_layer(SMALL, half, 4, 16, 2, None, slow) == pytest.approx(3 * t_one)
+    assert planner.tp_time_per_layer(SMALL, c, 1, 16, 2, None, slow) == 0.0
 
 
 def test_pp_bytes_per_microbatch():
