@@ -17,15 +17,15 @@
 # (the DPO paper's and TRL's default), 30 warmup steps (about a tenth of an epoch of ~150k pairs), cosine to 0
 # (Hugging Face's cosine-with-warmup, what TRL runs), weight decay 0 and AdamW 0.9/0.95 (pre-training's betas).
 #
-# Layout: TP 4 x PP 32 (DP 2 on 256 GPUs), one pair (two 4096-token rows) per micro-batch, selective recompute.
+# Layout: TP 4 x PP 8 (DP 8 on 256 GPUs), one pair (two 4096-token rows) per micro-batch, no recomputation.
 # That is the fastest layout `python tools/plan_layout.py --model deepseek-67b --gpus 256 --gpu h100
-# --global-batch-size 1024 --micro-batch-sizes 2` finds for 512 pairs = 1024 rows: est. 17.7 s/step, 67.7 GiB of
-# the 68 GiB budget on stage 0. It has no room for a second, frozen copy of the weights during training, so the
-# reference log-probs are precomputed in one forward-only pass before the first step and the reference model is
-# freed (PRECOMPUTE=1; for one epoch this costs the same reference forwards as computing them every step). With
-# PRECOMPUTE=0 the reference stays resident (+1.4 GiB bf16 weights per GPU at TP 4 x PP 32): use a layout with
-# room, e.g. TP=8 PP=8 (est. 53.9 GiB with the reference). The pipeline's 95 layers: 3 per stage, the last stage
-# 2 (it also runs the LM head and the loss).
+# --global-batch-size 1024 --micro-batch-sizes 2` finds for 512 pairs = 1024 rows: est. 16.4 s/step, 63.8 GiB of
+# the 68 GiB budget on stage 0. It has no room for a second, frozen copy of the weights during training (+4.3 GiB
+# of bf16 weights per GPU), so the reference log-probs are precomputed in one forward-only pass before the first
+# step and the reference model is freed (PRECOMPUTE=1; for one epoch this costs the same reference forwards as
+# computing them every step). With PRECOMPUTE=0 the reference stays resident: use a layout with room, e.g.
+# TP=8 PP=8 (est. 36.2 GiB with the reference's 2.1 GiB). The pipeline's 95 layers: 12 per stage, the last stage
+# 11 (it also runs the LM head and the loss).
 #SBATCH --job-name=deepseek-67b-dpo
 #SBATCH --nodes=32
 #SBATCH --ntasks-per-node=1
@@ -50,7 +50,7 @@ SEQ_LENGTH=${SEQ_LENGTH:-4096}
 GLOBAL_BATCH=512        # preference pairs per step (the paper's DPO batch)
 LR=5e-6                 # the paper's DPO learning rate
 TP=${TP:-4}
-PP=${PP:-32}
+PP=${PP:-8}
 MICRO_BATCH=${MICRO_BATCH:-1}   # pairs: 2 rows of SEQ_LENGTH tokens each
 WARMUP_ITERS=${WARMUP_ITERS:-30}
 BETA=${BETA:-0.1}
@@ -71,7 +71,7 @@ if [[ "$PRECOMPUTE" == 1 ]]; then PRECOMPUTE_ARGS=(--dpo-precompute-ref); fi
 TRAIN_ARGS=(
     --model "$MODEL"
     --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" "${SPLIT_ARGS[@]}"
-    "${SP_ARGS[@]}" --use-distributed-optimizer --overlap-param-gather --bf16 --recompute-granularity selective
+    "${SP_ARGS[@]}" --use-distributed-optimizer --overlap-param-gather --bf16
     --seq-length "$SEQ_LENGTH" --max-position-embeddings 4096
     --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH" --dpo-epochs 1
     --lr "$LR" --min-lr 0 --lr-warmup-iters "$WARMUP_ITERS" --lr-decay-style cosine
@@ -94,5 +94,5 @@ if [[ "$DRY_RUN" == 1 && "$DPO_ESTIMATE" == 1 ]]; then
     if [[ -n "$STAGE_SPLIT" ]]; then split=(--split "$STAGE_SPLIT"); fi
     echo "estimate (policy, $((2 * GLOBAL_BATCH)) rows): $(python tools/plan_layout.py --model "$MODEL" --gpus "$WORLD_SIZE" \
         --gpus-per-node "$GPUS_PER_NODE" --gpu "${GPU_TYPE:-h100}" --global-batch-size $((2 * GLOBAL_BATCH)) \
-        --seq-length "$SEQ_LENGTH" --layout "$TP" "$PP" $((2 * MICRO_BATCH)) "${split[@]}" --recompute selective 2>&1 || true)"
+        --seq-length "$SEQ_LENGTH" --layout "$TP" "$PP" $((2 * MICRO_BATCH)) "${split[@]}" 2>&1 || true)"
 fi

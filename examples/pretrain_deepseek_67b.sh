@@ -12,15 +12,16 @@
 # LAYER_SPLIT, TRAIN_TOKENS (2e12) or TRAIN_ITERS to override; LAUNCHER=slurm|torchrun (default: slurm
 # inside an allocation); the NCCL variables in examples/common_cluster_env.sh.
 #
-# Layout: TP 2 x PP 32 (DP 4 on 256 GPUs), micro-batch 1, no recomputation. That is the fastest layout
+# Layout: TP 2 x PP 16 (DP 8 on 256 GPUs), micro-batch 1, no recomputation. That is the fastest layout
 # `python tools/plan_layout.py --model deepseek-67b --gpus 256 --gpu h100` finds that fits in 80 GB:
-# est. 66.8 s/step, 66.3 GiB on the fullest GPU (stage 0: 32 micro-batches in flight of 3 layers each).
-# TP stays at 2 because the trainer does not yet overlap the SP collectives with GEMMs, so every TP doubling
-# adds exposed NVLink time (TP 8 x PP 8: est. 80.0 s/step, 25% of it TP traffic); the depth goes to the pipeline
-# instead, whose bubble (P-1)/(M+P-1) is small at M = 1152 micro-batches. 95 layers do not divide by 32:
-# the stages take 3 layers each and the last takes 2 (--decoder-last-pipeline-num-layers 2), as it also
-# runs the LM head and the loss (about one layer of work). On 1024 GPUs the planner prefers TP 2 x PP 16
-# (DP 32): NNODES=128 PP=16 (split 6 x 15 + 5).
+# est. 64.9 s/step, 65.4 GiB on the fullest GPU (stage 0: 16 micro-batches in flight of 6 layers each).
+# TP stays at 2 because only the column-parallel backward's collectives overlap GEMMs; the forward's and
+# the row-parallel backward's are exposed, so every TP doubling adds NVLink time (TP 8 x PP 8: est.
+# 75.6 s/step, 20% of it TP traffic); the depth goes to the pipeline instead, whose bubble (P-1)/(M+P-1)
+# is small at M = 576 micro-batches (PP 32 halves the activations but doubles the p2p: est. 66.3 s/step).
+# 95 layers do not divide by 16: the stages take 6 layers each and the last takes 5
+# (--decoder-last-pipeline-num-layers 5), as it also runs the LM head and the loss (about one layer of
+# work). On 1024 GPUs the planner prefers TP 4 x PP 8 (DP 32): NNODES=128 TP=4 PP=8 (split 12 x 7 + 11).
 #SBATCH --job-name=deepseek-67b
 #SBATCH --nodes=32
 #SBATCH --ntasks-per-node=1
@@ -45,7 +46,7 @@ SEQ_LENGTH=4096
 GLOBAL_BATCH=4608       # sequences: 18.87M tokens per step (the paper's 67B batch)
 LR=3.2e-4               # the paper's 67B peak
 TP=${TP:-2}
-PP=${PP:-32}
+PP=${PP:-16}
 MICRO_BATCH=${MICRO_BATCH:-1}
 
 pretrain_with_paper_recipe

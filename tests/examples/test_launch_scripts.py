@@ -111,7 +111,7 @@ def test_missing_data_path_is_one_line_error(script):
 def test_layout_that_does_not_divide_is_one_line_error():
     r = run("67b", NNODES=1, DATA_PATH="d", TOKENIZER="t", CKPT_DIR="c", TB_DIR="b")
     assert r.returncode == 2
-    assert r.stderr.strip() == "error: world size 8 (NNODES 1 x GPUS_PER_NODE 8) is not a multiple of TP 2 x PP 32"
+    assert r.stderr.strip() == "error: world size 8 (NNODES 1 x GPUS_PER_NODE 8) is not a multiple of TP 2 x PP 16"
 
 
 def test_multinode_torchrun_needs_master_addr():
@@ -133,7 +133,7 @@ def test_dry_run_prints_the_planners_estimate_for_its_layout():
     r = run("67b", DRY_RUN=1, NNODES=32, ESTIMATE=1)
     assert r.returncode == 0, r.stderr
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("estimate: "))
-    assert line.startswith("estimate: TP2 PP32 DP4 mb1 rc=none on 256 x h100: est. ") and "of 68.0 GiB" in line
+    assert line.startswith("estimate: TP2 PP16 DP8 mb1 rc=none on 256 x h100: est. ") and "of 68.0 GiB" in line
 
 
 # ---- DPO: examples/dpo_deepseek_67b.sh and examples/dpo_tiny.sh -------------------------------------------------
@@ -175,7 +175,7 @@ def test_dpo_67b_dry_run_is_the_papers_dpo_recipe_and_parses(nnodes):
     assert (d.dpo_epochs, t.lr, t.global_batch_size, t.lr_decay_style) == (1.0, 5e-6, 512, "cosine")
     assert t.lr_warmup_iters > 0 and d.dpo_beta == 0.1 and d.dpo_loss_type == "sigmoid"
     assert cfg.preset == "deepseek-67b" and t.bf16 and t.use_distributed_optimizer and t.overlap_param_gather and d.dpo_precompute_ref
-    assert (cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size) == (4, 32)
+    assert (cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size) == (4, 8)
     assert d.dpo_data == "/unset/DPO_DATA" and d.dpo_ref_load == "/unset/SFT_CKPT"
     assert t.save == t.load == "/unset/CKPT_DIR"
     assert "schedule: 1 epoch of the pairs" in r.stdout
@@ -201,7 +201,7 @@ def test_dpo_67b_dry_run_estimate_counts_rows():
     r = run_dpo(DRY_RUN=1, NNODES=32, ESTIMATE=1)
     assert r.returncode == 0, r.stderr
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("estimate (policy, 1024 rows): "))
-    assert "TP4 PP32 DP2 mb2 rc=selective on 256 x h100: est. " in line
+    assert "TP4 PP8 DP8 mb2 rc=none on 256 x h100: est. " in line
 
 
 @pytest.mark.parametrize("path", [DPO_67B, REPO / "examples/dpo_tiny.sh"])

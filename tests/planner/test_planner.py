@@ -8,6 +8,7 @@ import io
 import pytest
 
 from megatron_ds import planner
+from megatron_ds.dpo import DPORunConfig
 from megatron_ds.config import ModelConfig, config_from_args, model_preset, validate
 from megatron_ds.memory import estimate
 from megatron_ds.model.param_count import rank_parameter_counts
@@ -230,3 +231,38 @@ def test_pruning_rejects_only_layouts_that_do_not_fit():
     assert sorted(map(key, pruned)) == sorted(map(key, full))
     assert pruned[0].layout == full[0].layout and pruned[0].step_s == full[0].step_s
     assert any(p.reason.startswith("out of memory: needs at least what") for p in pruned)
+
+
+def test_launch_scripts_default_to_the_planners_pick(proposals):
+    """The 7B and 67B scripts say their default layout is the fastest the planner finds (64 and 256
+    H100s), and the 67B script names the 1024-GPU pick: all three hold."""
+    from tests.examples.test_launch_scripts import printed_command, run
+
+    picks = {"67b": (32, proposals[256].layout),
+             "7b": (8, planner.propose("deepseek-7b", 64, "h100", global_batch=2304).layout)}
+    for script, (nnodes, lay) in picks.items():
+        r = run(script, DRY_RUN=1, NNODES=nnodes, NODE_RANK=0, MASTER_ADDR="node0", MASTER_PORT=6000)
+        assert r.returncode == 0, r.stderr
+        _, args = printed_command(r.stdout)
+        p, t = config_from_args(args).parallel, config_from_args(args).training
+        assert (p.tensor_model_parallel_size, p.pipeline_model_parallel_size, t.micro_batch_size,
+                t.recompute_granularity) == (lay.tp, lay.pp, lay.micro_batch, lay.recompute), script
+        if lay.pp > 1:
+            assert stage_layer_counts(95, p) == list(lay.stage_layers)
+    assert (proposals[1024].layout.tp, proposals[1024].layout.pp) == (4, 8)
+
+
+def test_dpo_script_defaults_to_the_planners_pick_for_its_rows():
+    """examples/dpo_deepseek_67b.sh: 512 pairs = 1024 rows, one pair (2 rows) per micro-batch."""
+    from tests.examples.test_launch_scripts import dpo_command, run_dpo
+
+    cluster = planner.Cluster(num_gpus=256, gpu=planner.GPUS["h100"])
+    best = planner.plan_layouts(model_preset("deepseek-67b"), cluster, global_batch=1024, seq=4096,
+                                micro_batches=(2,))[0]
+    r = run_dpo(DRY_RUN=1, NNODES=32, NODE_RANK=0, MASTER_ADDR="node0")
+    assert r.returncode == 0, r.stderr
+    cfg = config_from_args(dpo_command(r.stdout)[1], DPORunConfig, "megatron_ds.dpo")
+    p = cfg.parallel
+    assert best.feasible and (best.layout.tp, best.layout.pp, best.layout.recompute) == (
+        p.tensor_model_parallel_size, p.pipeline_model_parallel_size, cfg.training.recompute_granularity)
+    assert 2 * cfg.training.micro_batch_size == best.layout.micro_batch
