@@ -76,8 +76,8 @@ class GPTDataset:
             raise DataError(f"{indexed.prefix}: the split's {len(document_ids)} documents hold no "
                             f"tokens; change --split or the corpus")
 
-        num_epochs = num_epochs_needed(tokens_per_epoch, num_samples, seq_length)
-        separate = separate_final_epoch(tokens_per_epoch, num_epochs, num_samples, seq_length)
+        self.tokens_per_epoch = tokens_per_epoch
+        num_epochs, separate = self.order_key(num_samples)
         self.num_epochs, self.separate_final_epoch = num_epochs, separate
         self.num_indexed_samples = samples_in(num_epochs * tokens_per_epoch, seq_length)
 
@@ -116,6 +116,13 @@ class GPTDataset:
                             f"{len(self.shuffle_index)} samples, {self.num_indexed_samples} "
                             f"expected; delete the stale files from --data-cache-path")
         self._position_ids = np.arange(seq_length, dtype=np.int64)
+
+    def order_key(self, num_samples: int) -> tuple[int, bool]:
+        """(num_epochs, separate_final_epoch) for a run of num_samples: the only things the indices
+        take from the sample count. Two counts with one key read prefixes of one sample order."""
+        num_epochs = num_epochs_needed(self.tokens_per_epoch, num_samples, self.seq_length)
+        return num_epochs, separate_final_epoch(self.tokens_per_epoch, num_epochs, num_samples,
+                                                self.seq_length)
 
     def __len__(self) -> int:
         return self.num_samples

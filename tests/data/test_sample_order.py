@@ -121,10 +121,9 @@ def test_order_changes_only_where_megatron_core_changes_it(corpus):
     assert not np.array_equal(one.shuffle_index, two.shuffle_index[:551])
 
 
-def test_trainer_resumed_with_more_train_iters_reads_the_longer_runs_batches(corpus, tmp_path):
-    """pretrain.run in-process, one rank: --train-iters 4 with a save, then --load with
-    --train-iters 8. The samples the trainer reads after the resume are those of an uninterrupted
-    8-step run's steps 5-8, and none was read before the resume."""
+def _train(prefix, cache, extra):
+    """pretrain.run in-process on one rank over ``prefix``; (stream ids of the training samples
+    read, in order; the log)."""
     from megatron_ds.config import config_from_args
     from megatron_ds.parallel.topology import single_process_state
     from megatron_ds.pretrain import build_datasets, run
@@ -133,36 +132,81 @@ def test_trainer_resumed_with_more_train_iters_reads_the_longer_runs_batches(cor
              "--num-attention-heads", "4", "--num-query-groups", "2", "--vocab-size", "512",
              "--seq-length", str(SEQ), "--max-position-embeddings", str(SEQ),
              "--micro-batch-size", "4", "--global-batch-size", "8", "--lr", "1e-3",
-             "--data-path", corpus, "--split", "1", "--data-cache-path", str(tmp_path / "cache"),
+             "--data-path", prefix, "--split", "1", "--data-cache-path", cache,
              "--log-interval", "1000", "--no-async-save", "--no-fused-kernels"]
+    read = []
 
-    def train(extra):
-        read = []
+    def build_data(cfg, tokenizer):
+        train_ds, valid_ds = build_datasets(cfg, tokenizer)
 
-        class Recording:
-            def __init__(self, ds):
-                self.ds = ds
-
-            def __len__(self):
-                return len(self.ds)
-
+        class Recording(type(train_ds)):  # still a GPTDataset to the trainer
             def __getitem__(self, i):
-                read.append(int(self.ds.shuffle_index[i]))
-                return self.ds[i]
+                read.append(int(self.shuffle_index[i]))
+                return super().__getitem__(i)
 
-        def build_data(cfg, tokenizer):
-            train_ds, valid_ds = build_datasets(cfg, tokenizer)
-            return Recording(train_ds), valid_ds
+        train_ds.__class__ = Recording
+        return train_ds, valid_ds
 
-        with contextlib.redirect_stdout(io.StringIO()):
-            run(config_from_args(flags + extra), single_process_state(), log=False,
-                build_data=build_data)
-        return read
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        run(config_from_args(flags + extra), single_process_state(), log=True, build_data=build_data)
+    return read, log.getvalue()
 
-    ckpt = str(tmp_path / "ckpt")
-    before = train(["--train-iters", "4", "--save", ckpt])
-    after = train(["--train-iters", "8", "--load", ckpt])
-    uninterrupted = train(["--train-iters", "8"])
+
+def test_trainer_resumed_with_more_train_iters_reads_the_longer_runs_batches(corpus, tmp_path):
+    """--train-iters 4 with a save, then --load with --train-iters 8: the samples the trainer reads
+    after the resume are those of an uninterrupted 8-step run's steps 5-8, none was read before the
+    resume, and nothing is said about the data order."""
+    cache, ckpt = str(tmp_path / "cache"), str(tmp_path / "ckpt")
+    before, _ = _train(corpus, cache, ["--train-iters", "4", "--save", ckpt])
+    after, log = _train(corpus, cache, ["--train-iters", "8", "--load", ckpt])
+    uninterrupted, _ = _train(corpus, cache, ["--train-iters", "8"])
     assert len(before) == len(after) == 32
     assert before + after == uninterrupted
     assert not set(before) & set(after)
+    assert "resumed from" in log and "another order" not in log
+
+
+def test_resume_into_more_epochs_warns_that_samples_may_repeat(tmp_path):
+    """A corpus of 40 samples per epoch: 4 steps of 8 fit one epoch, 8 steps need two, and the
+    two-epoch index orders the first epoch's samples differently (megatron-core's too). The resume
+    says so, since samples read before it come again."""
+    prefix = str(tmp_path / "small")
+    rng = np.random.default_rng(1)
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", np.uint16)
+    for _ in range(13):
+        builder.add_document(rng.integers(1, 500, size=100))
+    builder.finalize(f"{prefix}.idx")
+    small = GPTDataset(IndexedDataset(prefix), np.arange(13), 32, SEQ, seed=1234)
+    assert small.num_indexed_samples == 40  # 13 x 100 tokens
+    cache, ckpt = str(tmp_path / "cache"), str(tmp_path / "ckpt")
+    before, _ = _train(prefix, cache, ["--train-iters", "4", "--save", ckpt])
+    after, log = _train(prefix, cache, ["--train-iters", "8", "--load", ckpt])
+    assert ("warning: the training samples are in another order than in the checkpoint's run (32 "
+            "samples took 1 epoch(s), 64 take 2, the last shuffled on its own)") in log, log
+    assert set(before) & set(after)  # what the warning is about
+
+
+def test_order_change_per_corpus_of_a_blend(tmp_path):
+    from megatron_ds.data.blending import build_train_valid_test_datasets, order_change
+
+    prefixes = []
+    for k, docs in enumerate((177, 13)):
+        prefixes.append(str(tmp_path / f"c{k}"))
+        rng = np.random.default_rng(k)
+        builder = IndexedDatasetBuilder(f"{prefixes[-1]}.bin", np.uint16)
+        for _ in range(docs):
+            builder.add_document(rng.integers(1, 500, size=100))
+        builder.finalize(f"{prefixes[-1]}.idx")
+
+    def blend(n):
+        return build_train_valid_test_datasets(["0.5", prefixes[0], "0.5", prefixes[1]], "1", SEQ,
+                                               1234, (n, 0, 0))[0]
+
+    # 40 samples an epoch in the small corpus: 80 blended samples take 40 of it, 100 take 50.
+    assert order_change(blend(64), 40, 40) is None
+    assert order_change(blend(80), 64, 64) is None
+    why = order_change(blend(100), 80, 80)
+    assert why == f"corpus 1 ({prefixes[1]}): 40 samples took 1 epoch(s), 50 take 2, the last " \
+                  f"shuffled on its own"
+    assert order_change(blend(100), 80, 0) is None  # nothing read yet
