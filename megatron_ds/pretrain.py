@@ -124,6 +124,31 @@ def build_datasets(cfg: Config, tokenizer):
     return train, valid
 
 
+def data_order_note(cfg: Config, saved: dict | None, train_ds, consumed: int) -> str | None:
+    """A warning when a resumed run reads the training data in another order than the run that
+    consumed its first ``consumed`` samples (so some of them will be read again), else None.
+
+    Same data settings and a --train-iters x --global-batch-size needing the same number of epochs
+    keep the order (megatron_ds/data/sample_index.py); a count needing more epochs reshuffles, as
+    in Megatron. Changed data settings (path, split, seed, length) are a deliberate new order."""
+    if not saved or consumed <= 0 or cfg.data.mock_data:
+        return None
+    st, sd, t, d = saved.get("training") or {}, saved.get("data") or {}, cfg.training, cfg.data
+    if (st.get("seq_length"), st.get("seed"), sd.get("data_path"), sd.get("split")) != (
+            t.seq_length, t.seed, d.data_path, d.split) or sd.get("mock_data"):
+        return None
+    if not st.get("train_iters") or not st.get("global_batch_size"):
+        return None
+    from megatron_ds.data.blending import order_change
+
+    why = order_change(train_ds, st["train_iters"] * st["global_batch_size"], consumed)
+    if why is None:
+        return None
+    return (f"warning: the training samples are in another order than in the checkpoint's run ({why}); "
+            f"some of the {consumed} samples read before the resume may be read again. A --train-iters "
+            f"whose samples fit the same number of epochs continues the checkpoint's order.")
+
+
 def run(cfg: Config, state: ParallelState, tokenizer=None, log: bool | None = None, *,
         build_data=build_datasets, make_trainer=Trainer) -> TrainResult:
     """Build the model and data for this rank and train; the whole run, callable in-process.
@@ -158,6 +183,9 @@ def run(cfg: Config, state: ParallelState, tokenizer=None, log: bool | None = No
     stopped = None
     try:
         start, consumed = ckpts.resume()
+        note = data_order_note(cfg, ckpts.loaded_config, train_ds, consumed)
+        if note:
+            logger.info(note)
         if start > t.train_iters:  # every rank loaded the same iteration: all raise together
             raise ConfigError(f"--load {t.load} is at iteration {start}, past --train-iters {t.train_iters}; raise "
                               f"--train-iters (or --epochs) to train further, or --finetune to start over")

@@ -66,6 +66,8 @@ class RunCheckpoints:
         if self.t.save and threading.current_thread() is threading.main_thread():
             self.preemption = PreemptionHandler().install()
         self.last_saved: Optional[int] = None
+        self.loaded_config: Optional[dict] = None
+        """The resumed checkpoint's run configuration (None without a resume or with --finetune)."""
         self._last_save_time = time.monotonic()
         self.blocked_s: list[float] = []
         """Seconds the training loop was blocked by each save (copy + wait for the previous one)."""
@@ -101,6 +103,7 @@ class RunCheckpoints:
         if weights_only:
             self._info(f"finetuning from the weights of {where}; optimizer, RNG and iteration start afresh")
             return 0, 0
+        self.loaded_config = ckpt.reader.config
         self._info(f"resumed from {where} at iteration {ckpt.iteration}"
                    f"{'' if not t.no_load_optim else ', optimizer state not loaded (--no-load-optim)'}"
                    f"{'' if ckpt.rng_restored else ', RNG as seeded'}{_module_state_note(ckpt.module_states)}")

@@ -88,6 +88,37 @@ class BlendedDataset:
         return self.datasets[self.dataset_index[i]][int(self.dataset_sample_index[i])]
 
 
+def order_change(dataset, old_num_samples: int, consumed: int) -> Optional[str]:
+    """Why the first ``consumed`` samples of ``dataset`` (a GPTDataset or BlendedDataset of this
+    run) are not those of the same data built for ``old_num_samples`` (the run that consumed
+    them), or None when they are. They are when every corpus read before ``consumed`` keeps its
+    GPTDataset.order_key; the blend's own indices are a prefix of a longer blend's in any case."""
+    if consumed <= 0 or old_num_samples == len(dataset):
+        return None
+    if isinstance(dataset, GPTDataset):
+        parts = [(None, dataset, old_num_samples, len(dataset))]
+    elif isinstance(dataset, BlendedDataset):
+        old_index, _ = build_blending_indices(dataset.weights, old_num_samples)
+        old_counts = np.bincount(old_index, minlength=len(dataset.datasets))
+        read = np.bincount(np.asarray(dataset.dataset_index[:consumed]),
+                           minlength=len(dataset.datasets))
+        parts = [(k, ds, int(old_counts[k]), len(ds)) for k, ds in enumerate(dataset.datasets)
+                 if read[k] > 0]
+    else:
+        return None
+    for k, ds, old, new in parts:
+        old_key, new_key = ds.order_key(old), ds.order_key(new)
+        if old_key != new_key:
+            corpus = "" if k is None else f"corpus {k} ({ds.indexed.prefix}): "
+            return (f"{corpus}{old} samples took {old_key[0]} epoch(s){_separate(old_key)}, "
+                    f"{new} take {new_key[0]}{_separate(new_key)}")
+    return None
+
+
+def _separate(key) -> str:
+    return ", the last shuffled on its own" if key[1] else ""
+
+
 def default_cache_dir(data_path) -> str:
     """Beside the first corpus: {dir of its prefix}/index-cache."""
     _, prefixes = parse_data_path(data_path)

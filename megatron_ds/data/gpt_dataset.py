@@ -1,8 +1,13 @@
-"""GPT pretraining samples from a binarized corpus, the way Megatron builds them.
+"""GPT pretraining samples from a binarized corpus, indexed as megatron-core's GPTDataset indexes
+them (same document, sample and shuffle index values for the same seed; sample_index.py says how).
 
-A split's documents are shuffled into a stream (repeated for as many epochs as the requested
-samples need), cut into samples of seq_length + 1 tokens that overlap by one, and the samples are
-visited in a seeded random order. See sample_index.py for the three arrays.
+A split's documents are shuffled into a stream of as many epochs as the requested samples need,
+the stream is cut into samples of seq_length + 1 tokens that overlap by one, and a seeded
+permutation of every sample of those epochs (not only of the first num_samples) gives the order;
+the dataset exposes the first num_samples of that order. So a short run draws from across the
+whole epoch, and a longer run with the same number of epochs (and the same separate-last-epoch
+decision) starts with exactly the samples of the shorter one: extending --train-iters on resume
+continues the data instead of repeating it.
 """
 
 import hashlib
@@ -14,7 +19,8 @@ from megatron_ds.data.errors import DataError
 from megatron_ds.data.index_cache import cached_arrays
 from megatron_ds.data.indexed_dataset import IndexedDataset
 from megatron_ds.data.sample_index import (build_document_index, build_sample_index,
-                                           build_shuffle_index, num_epochs_needed)
+                                           build_shuffle_index, num_epochs_needed, samples_in,
+                                           separate_final_epoch)
 
 
 class GPTDataset:
@@ -22,12 +28,21 @@ class GPTDataset:
     tokens, labels (int64), loss_mask (float32), position_ids (int64), and with
     reset_attention_mask also document_ids (int64).
 
+    Item i is stream sample shuffle_index[i]. The arrays cover all num_epochs epochs:
+    document_index (num_epochs * num_documents,), sample_index (num_indexed_samples + 1, 2) and
+    shuffle_index (num_indexed_samples,), where num_indexed_samples = (num_epochs *
+    tokens_per_epoch - 1) // seq_length >= num_samples. len() is num_samples; megatron-core's
+    GPTDataset.__len__ is num_indexed_samples instead, of which Megatron's trainer reads the first
+    train_iters * global_batch_size, i.e. the same samples as here.
+
     eod_mask_loss: loss_mask is 0 where the input token is EOD.
     reset_position_ids: positions restart at 0 after every EOD (each document starts at 0).
     reset_attention_mask: document_ids[j] = number of EODs in tokens[:j]; a token may attend only
         to earlier tokens with the same id (the model's ``document_ids`` argument).
     cache_dir / is_builder / barrier: see index_cache.cached_arrays; without cache_dir the
-        indices are built in memory.
+        indices are built in memory. The cache key holds what determines the arrays (corpus,
+        documents, seq_length, seed, num_epochs, separate_final_epoch), not num_samples, so
+        sample counts that index alike share one set of files.
     """
 
     def __init__(self, indexed: IndexedDataset, document_ids: np.ndarray, num_samples: int,
@@ -61,14 +76,22 @@ class GPTDataset:
             raise DataError(f"{indexed.prefix}: the split's {len(document_ids)} documents hold no "
                             f"tokens; change --split or the corpus")
 
+        self.tokens_per_epoch = tokens_per_epoch
+        num_epochs, separate = self.order_key(num_samples)
+        self.num_epochs, self.separate_final_epoch = num_epochs, separate
+        self.num_indexed_samples = samples_in(num_epochs * tokens_per_epoch, seq_length)
+
         def build():
-            # One RNG for both shuffles, in this order, so a seed fixes every array.
+            # One RNG for the document shuffle(s) then the sample shuffle(s), megatron-core's
+            # order, so a seed fixes every array.
             rng = np.random.RandomState(seed)
-            num_epochs = num_epochs_needed(tokens_per_epoch, num_samples, seq_length)
-            document_index = build_document_index(document_ids, num_epochs, rng)
+            document_index = build_document_index(document_ids, num_epochs, rng, separate)
             sample_index = build_sample_index(indexed.sequence_lengths, document_index,
-                                              seq_length, num_samples)
-            shuffle_index = build_shuffle_index(num_samples, rng)
+                                              seq_length, self.num_indexed_samples)
+            # With a separate last epoch, the samples before it are permuted among themselves.
+            first = (samples_in((num_epochs - 1) * tokens_per_epoch, seq_length) if separate
+                     else self.num_indexed_samples)
+            shuffle_index = build_shuffle_index(first, rng, self.num_indexed_samples)
             return {"document_index": document_index, "sample_index": sample_index,
                     "shuffle_index": shuffle_index}
 
@@ -78,8 +101,8 @@ class GPTDataset:
             "idx_mtime_ns": os.stat(indexed.prefix + ".idx").st_mtime_ns,
             "bin_bytes": os.path.getsize(indexed.prefix + ".bin"),
             "document_ids": hashlib.sha256(document_ids.tobytes()).hexdigest(),
-            "num_documents": len(document_ids), "num_samples": num_samples,
-            "seq_length": seq_length, "seed": seed,
+            "num_documents": len(document_ids), "seq_length": seq_length, "seed": seed,
+            "num_epochs": num_epochs, "separate_final_epoch": separate,
         }
         arrays = cached_arrays(cache_dir, "gpt", description,
                                ("document_index", "sample_index", "shuffle_index"), build,
@@ -87,7 +110,19 @@ class GPTDataset:
         self.document_index = arrays["document_index"]
         self.sample_index = arrays["sample_index"]
         self.shuffle_index = arrays["shuffle_index"]
+        if (len(self.shuffle_index) != self.num_indexed_samples
+                or len(self.sample_index) != self.num_indexed_samples + 1):
+            raise DataError(f"{cache_dir}: cached indices for {indexed.prefix} hold "
+                            f"{len(self.shuffle_index)} samples, {self.num_indexed_samples} "
+                            f"expected; delete the stale files from --data-cache-path")
         self._position_ids = np.arange(seq_length, dtype=np.int64)
+
+    def order_key(self, num_samples: int) -> tuple[int, bool]:
+        """(num_epochs, separate_final_epoch) for a run of num_samples: the only things the indices
+        take from the sample count. Two counts with one key read prefixes of one sample order."""
+        num_epochs = num_epochs_needed(self.tokens_per_epoch, num_samples, self.seq_length)
+        return num_epochs, separate_final_epoch(self.tokens_per_epoch, num_epochs, num_samples,
+                                                self.seq_length)
 
     def __len__(self) -> int:
         return self.num_samples

@@ -24,7 +24,8 @@ import numpy as np
 from megatron_ds.data.errors import DataError
 
 # Bump when an algorithm changes what the arrays hold, so old caches are not reused.
-CACHE_FORMAT = 1
+# 2: GPT indices cover every sample of num_epochs (megatron-core's), keyed by num_epochs.
+CACHE_FORMAT = 2
 
 
 def cache_key(description: dict) -> str:

@@ -42,6 +42,28 @@ def test_builder_writes_and_others_memory_map_after_barrier(tmp_path):
     assert len(os.listdir(cache)) == 8
 
 
+def test_cache_key_is_what_determines_the_indices_not_the_sample_count(tmp_path):
+    """The indices depend on the sample count only through num_epochs and the separate-last-epoch
+    flag, and so does the key: a longer run in the same epochs (an extended --train-iters) maps the
+    shorter run's files; another epoch count builds its own."""
+    prefix = make_corpus(tmp_path / "c", 50, 0)
+    cache = tmp_path / "cache"
+    short = GPTDataset(IndexedDataset(prefix), np.arange(50), 10, 16, seed=3, cache_dir=str(cache))
+    assert short.num_epochs == 1 and len(os.listdir(cache)) == 4
+    longer = GPTDataset(IndexedDataset(prefix), np.arange(50), short.num_indexed_samples, 16,
+                        seed=3, cache_dir=str(cache), is_builder=False)
+    assert len(os.listdir(cache)) == 4 and len(longer) == short.num_indexed_samples
+    np.testing.assert_array_equal(short.shuffle_index, longer.shuffle_index)
+    two = GPTDataset(IndexedDataset(prefix), np.arange(50), short.num_indexed_samples + 1, 16,
+                     seed=3, cache_dir=str(cache))
+    assert two.num_epochs == 2 and len(os.listdir(cache)) == 8
+    # Built in memory, the same arrays: the cache holds what build() gives.
+    fresh = GPTDataset(IndexedDataset(prefix), np.arange(50), short.num_indexed_samples + 1, 16,
+                       seed=3)
+    for name in ("document_index", "sample_index", "shuffle_index"):
+        np.testing.assert_array_equal(getattr(two, name), getattr(fresh, name))
+
+
 def test_non_builder_without_files_says_so(tmp_path):
     with pytest.raises(DataError, match="filesystem every rank shares"):
         cached_arrays(str(tmp_path), "gpt", {"x": 1}, ("a",), lambda: {"a": np.zeros(1)},

@@ -57,21 +57,37 @@ def test_every_sample_matches_naive_stream(tmp_path, seq_length, num_samples):
         assert item["loss_mask"].dtype == np.float32 and item["loss_mask"].tolist() == [1.0] * seq_length
 
 
-def test_document_index_is_seeded_shuffle_of_enough_epochs(tmp_path):
+@pytest.mark.parametrize("num_samples,separate", [(40, True), (45, False)])
+def test_indices_cover_every_sample_of_enough_epochs(tmp_path, num_samples, separate):
+    """megatron-core's layout: 3 epochs of 128 tokens hold (384 - 1) // 8 = 47 samples, all of
+    them indexed and permuted; 31 lie before the last epoch, which holds 15 + 1. Taking 40 uses 9
+    of the last epoch (< int(0.8 * 15) = 12): it is shuffled on its own, documents and samples;
+    taking 45 uses 14: one document shuffle of all 3 epochs, one permutation of all 47."""
     indexed, _ = make_corpus(tmp_path / "c", LENGTHS)
     document_ids = np.arange(0, 10)
     tokens_per_epoch = sum(LENGTHS[:10])  # 128
-    ds = GPTDataset(indexed, document_ids, num_samples=40, seq_length=8, seed=7)
-    # 40 * 8 + 1 = 321 tokens need 3 epochs of 128.
-    assert len(ds.document_index) == 30
-    assert 3 * tokens_per_epoch >= 321 > 2 * tokens_per_epoch
-    assert sorted(ds.document_index.tolist()) == sorted(list(range(10)) * 3)
+    assert tokens_per_epoch == 128 and 2 * 128 < num_samples * 8 + 1 <= 3 * 128
+    ds = GPTDataset(indexed, document_ids, num_samples=num_samples, seq_length=8, seed=7)
+    assert (ds.num_epochs, ds.separate_final_epoch, ds.num_indexed_samples) == (3, separate, 47)
+    assert len(ds) == num_samples
     rng = np.random.RandomState(7)
-    expected = np.tile(np.arange(10), 3)
-    rng.shuffle(expected)
-    np.testing.assert_array_equal(ds.document_index, expected)
-    assert sorted(ds.shuffle_index.tolist()) == list(range(40))
-    assert ds.sample_index.shape == (41, 2) and ds.sample_index.dtype == np.int32
+    if separate:
+        first, last = np.tile(np.arange(10), 2), np.arange(10)
+        rng.shuffle(first)
+        rng.shuffle(last)
+        expected_docs = np.concatenate([first, last])
+        first, last = np.arange(31), np.arange(31, 47)
+        rng.shuffle(first)
+        rng.shuffle(last)
+        expected_shuffle = np.concatenate([first, last])
+    else:
+        expected_docs = np.tile(np.arange(10), 3)
+        rng.shuffle(expected_docs)
+        expected_shuffle = np.arange(47)
+        rng.shuffle(expected_shuffle)
+    np.testing.assert_array_equal(ds.document_index, expected_docs)
+    np.testing.assert_array_equal(ds.shuffle_index, expected_shuffle)
+    assert ds.sample_index.shape == (48, 2) and ds.sample_index.dtype == np.int32
     assert ds.document_index.dtype == ds.shuffle_index.dtype == np.int64
 
 
@@ -154,7 +170,8 @@ def test_sample_index_matches_megatron_walk(tmp_path):
     ds = GPTDataset(indexed, np.arange(len(LENGTHS)), num_samples, seq_length, seed=5)
     sizes = indexed.sequence_lengths
     rows, pos, offset = [(0, 0)], 0, 0
-    for _ in range(num_samples):
+    assert ds.num_indexed_samples > num_samples  # every sample of the epochs, not just 60
+    for _ in range(ds.num_indexed_samples):
         remaining = seq_length + 1
         while remaining != 0:
             doc_length = sizes[ds.document_index[pos]] - offset
