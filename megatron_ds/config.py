@@ -128,7 +128,8 @@ class TrainingConfig:
     eval_iters: int = 10
     """Validation batches (of global-batch size) per evaluation."""
     save: Optional[str] = None
-    """Directory to write the final (and periodic) checkpoint to."""
+    """Directory to write the final (and periodic) checkpoint to; it must exist or be creatable, and be
+    writable (checked at startup)."""
     save_interval: int = 0
     """Save every this many steps; 0 saves only at the end."""
     save_interval_minutes: float = 0.0
@@ -141,7 +142,8 @@ class TrainingConfig:
     writing overlaps training (--no-async-save writes before training goes on)."""
     load: Optional[str] = None
     """Checkpoint directory to start from: a --save directory (its `latest`) or one iter_N directory; any
-    TP/PP/DP layout. Restores weights, optimizer state, iteration, data position and RNG."""
+    TP/PP/DP layout. Restores weights, optimizer state, iteration, data position and RNG. A --load without a
+    checkpoint is an error, unless it is also --save (a resumable job's first start: it starts from scratch)."""
     finetune: bool = False
     """With --load: take the weights only; iteration, data position, optimizer state and RNG start afresh."""
     no_load_optim: bool = False
@@ -149,8 +151,12 @@ class TrainingConfig:
     loaded params); iteration and data position are still restored."""
     no_load_rng: bool = False
     """With --load: keep this run's seeded RNG streams instead of the checkpoint's."""
+    override_tokenizer_check: bool = False
+    """With --load: go on when the checkpoint records another tokenizer (content hash) than --tokenizer-model,
+    which is otherwise an error: token ids would mean other text than the weights learned. For a deliberate
+    switch of tokenizer (e.g. a retrained tokenizer.json with the same ids); the log still warns."""
     tensorboard_dir: Optional[str] = None
-    """Write TensorBoard event files here."""
+    """Write TensorBoard event files here (a directory that exists or can be created; checked at startup)."""
     bucket_size_mb: float = 25.0
     """Size of each data-parallel gradient all-reduce bucket, in MB of fp32 gradients."""
     generate_prompt: Optional[str] = None

@@ -8,7 +8,7 @@ Where the weights come from:
   --load CKPT                       policy and reference from CKPT, weights only (as --finetune)
   --dpo-ref-load SFT --load RUN     reference from SFT; the policy resumes RUN (a DPO run's --save,
                                     fully: optimizer, iteration, data position), or starts from SFT's
-                                    weights when RUN holds no checkpoint yet
+                                    weights when RUN holds no checkpoint yet (then RUN must be --save)
   neither                           both from the same seeded random initialization (demos, tests)
 
 --global-batch-size and --micro-batch-size count pairs; a pair is two rows of --seq-length tokens.
@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from megatron_ds import pretrain
 from megatron_ds.checkpoint.checkpointing import load
-from megatron_ds.checkpoint.run_checkpoints import has_checkpoint
+from megatron_ds.checkpoint.run_checkpoints import has_checkpoint, tokenizer_mismatch
 from megatron_ds.config import Config, ConfigError
 from megatron_ds.data.chat import get_template
 from megatron_ds.data.dpo_dataset import DPODataset, load_preference_pairs
@@ -103,6 +103,16 @@ def check_inputs(cfg: DPORunConfig) -> None:
     if d.dpo_ref_load is None and cfg.training.load is not None and not has_checkpoint(cfg.training.load):
         raise ConfigError(f"--load {cfg.training.load}: no checkpoint there, and DPO takes its reference model from "
                           f"it; pass the SFT checkpoint, or --dpo-ref-load SFT_CKPT to resume a DPO run from --load")
+    if d.dpo_ref_load is not None and not cfg.training.override_tokenizer_check:
+        # --load's tokenizer is checked by the launcher; the reference's here (the same text, the same ids).
+        from megatron_ds.checkpoint.format import read_metadata, resolve
+        from megatron_ds.data.tokenizer import build_tokenizer
+
+        err = tokenizer_mismatch(d.dpo_ref_load, read_metadata(resolve(d.dpo_ref_load)).get("tokenizer"),
+                                 cfg.data.tokenizer_model, build_tokenizer(cfg.data.tokenizer_model).identity(),
+                                 load_flag="--dpo-ref-load")
+        if err:
+            raise ConfigError(err)
 
 
 def resolve_weights(cfg: DPORunConfig) -> Optional[str]:

@@ -14,12 +14,13 @@ import torch
 import torch.distributed as dist
 
 from megatron_ds.checkpoint.preemption import StopTraining
-from megatron_ds.checkpoint.run_checkpoints import RunCheckpoints
+from megatron_ds.checkpoint.run_checkpoints import RunCheckpoints, check_load
 from megatron_ds.cli import run_command
 from megatron_ds.config import Config, ConfigError, config_from_args, count_parameters, validate
 from megatron_ds.cpu_allocator import keep_freed_memory
 from megatron_ds.data.errors import DataError
 from megatron_ds.parallel.random import model_parallel_manual_seed
+from megatron_ds.paths import check_writable_dir
 from megatron_ds.parallel.topology import (
     ParallelState, build_parallel_state, initialize_distributed,
 )
@@ -92,6 +93,15 @@ def check_data_files(cfg: Config) -> None:
         for ext in (".bin", ".idx"):
             if not os.path.isfile(prefix + ext):
                 raise DataError(f"--data-path {prefix}: {prefix + ext} not found; write it with tools/preprocess_data.py")
+
+
+def check_outputs(cfg: Config) -> None:
+    """--save and --tensorboard-dir: directories that exist or can be created, and are writable;
+    checked at startup, so that a bad path does not surface at the first save, after training."""
+    t = cfg.training
+    for flag, path in (("--save", t.save), ("--tensorboard-dir", t.tensorboard_dir)):
+        if path:
+            check_writable_dir(path, flag)
 
 
 def build_datasets(cfg: Config, tokenizer):
@@ -217,14 +227,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def launch(argv, config_cls, prog: str, check_inputs, run_fn) -> int:
     """The process around a run, shared by pretrain, sft and dpo: parse, check what can be checked
-    before any process group exists (``check_inputs(cfg)``), initialize, ``run_fn(cfg, state, tokenizer)``;
+    before any process group exists (``check_inputs(cfg)``; the output directories, --load and its
+    tokenizer), initialize, ``run_fn(cfg, state, tokenizer)``;
     a user error is one line on stderr (rank 0) and exit code 2."""
     def body() -> None:
         cfg = config_from_args(argv, config_cls, prog)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         validate(cfg, world)
+        check_outputs(cfg)  # first: an unwritable --save is found before any data is read
         check_inputs(cfg)
         tokenizer = load_tokenizer(cfg)
+        check_load(cfg, tokenizer)  # --load holds a checkpoint (unless it is --save), of this tokenizer
         device = initialize_distributed()
         if device.type == "cpu":
             keep_freed_memory()  # steps reuse freed activations' pages instead of re-faulting them

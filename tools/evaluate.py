@@ -11,8 +11,10 @@ sample are left out; the line says how many tokens were scored). ``--eval-iters 
 global batches. The checkpoint may come from any layout; world size = TP x PP x DP, and each
 global batch is DP x ``--micro-batch-size`` samples. Bits-per-byte is the summed loss in bits over
 the UTF-8 bytes the scored tokens stand for (training/evaluation.py), so it needs the tokenizer:
-``--tokenizer-model``, or the one the checkpoint records. Rank 0 prints one line per dataset and,
-with ``--output-json``, writes them to a file (atomically). Bad input is one ``error:`` line, exit 2.
+``--tokenizer-model``, or the one the checkpoint records (another one than the checkpoint records
+is an error unless ``--override-tokenizer-check``). Rank 0 prints one line per dataset and, with
+``--output-json``, writes them to a file (atomically; its directory is checked before evaluating).
+Bad input is one ``error:`` line, exit 2.
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from megatron_ds.checkpoint.format import CheckpointError  # noqa: E402
+from megatron_ds.checkpoint.run_checkpoints import tokenizer_mismatch  # noqa: E402
 from megatron_ds.cli import run_command  # noqa: E402
 from megatron_ds.config import ConfigError, model_preset  # noqa: E402
 from megatron_ds.data.errors import DataError  # noqa: E402
 from megatron_ds.parallel.topology import TopologyError  # noqa: E402
+from megatron_ds.paths import check_writable_file  # noqa: E402
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tools/evaluate.py", description=__doc__.splitlines()[0])
@@ -49,7 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bf16", action="store_true", help="run in bf16 (default: the dtype the checkpoint stores)")
     p.add_argument("--no-fused-kernels", action="store_true", help="use the pure-PyTorch reference kernels")
     p.add_argument("--model", default=None, help="architecture preset, only for a checkpoint that records no config")
-    p.add_argument("--output-json", default=None, help="also write the results here (a list, one entry per dataset)")
+    p.add_argument("--output-json", default=None,
+                   help="also write the results here (a list, one entry per dataset); its directory must exist or "
+                        "be creatable, and be writable (checked before evaluating)")
+    p.add_argument("--override-tokenizer-check", action="store_true",
+                   help="go on when --tokenizer-model is not the tokenizer the checkpoint records (another content "
+                        "hash), which is otherwise an error")
     return p
 
 
@@ -57,6 +66,7 @@ def check_inputs(args):
     """Everything checkable before a process group exists; returns (model config, seq length, tokenizer path)."""
     from megatron_ds.checkpoint.format import read_metadata, resolve
     from megatron_ds.checkpoint.load import CheckpointReader
+    from megatron_ds.data.tokenizer import build_tokenizer
     from megatron_ds.inference.loading import check_layout, checkpoint_model_config
 
     if not os.path.exists(args.load):
@@ -71,6 +81,19 @@ def check_inputs(args):
         what = f"--tokenizer-model {tok}: no such file" if args.tokenizer_model else (
             f"--tokenizer-model is required: the checkpoint {args.load} records no tokenizer that still exists")
         raise DataError(what)
+    if args.output_json:
+        check_writable_file(args.output_json, "--output-json")
+    tokenizer = build_tokenizer(tok)
+    if not args.override_tokenizer_check:
+        err = tokenizer_mismatch(args.load, meta.get("tokenizer"), tok, tokenizer.identity())
+        if err and not args.tokenizer_model:  # the recorded file itself was rewritten since
+            err = (f"--load {args.load}: the tokenizer it records, {tok}, has changed since training (sha256 "
+                   f"{tokenizer.identity()}, recorded {meta['tokenizer']['sha256_16']}); pass the original as "
+                   "--tokenizer-model, or --override-tokenizer-check to go on with this one")
+        if err:
+            raise ConfigError(err)
+    for prefix in args.data_path:
+        check_token_ids(prefix, tokenizer)
     config = checkpoint_model_config(CheckpointReader(args.load, verify=False))
     if config is None:
         if args.model is None:
@@ -90,6 +113,21 @@ def check_inputs(args):
         raise TopologyError(f"world size {world} is not a multiple of --tensor-model-parallel-size {tp} x "
                             f"--pipeline-model-parallel-size {pp}")
     return config, seq, tok
+
+
+def check_token_ids(prefix: str, tokenizer) -> None:
+    """Every token id of ``prefix`` is one of the tokenizer's (its byte table scores the ids); a
+    corpus tokenized with another tokenizer is a DataError, not an IndexError mid-evaluation."""
+    from megatron_ds.data.indexed_dataset import IndexedDataset
+
+    tokens = IndexedDataset(prefix).all_tokens()
+    if tokens.size == 0:
+        return
+    top = int(tokens.max())
+    if top >= tokenizer.vocab_size:
+        raise DataError(f"--data-path {prefix}: holds token id {top}, outside --tokenizer-model {tokenizer.path}'s "
+                        f"{tokenizer.vocab_size} tokens; it was binarized with another tokenizer: pass that one, or "
+                        "re-binarize the text with tools/preprocess_data.py")
 
 
 def whole_dataset(prefix: str, seq: int, seed: int):
@@ -146,6 +184,7 @@ def run(args, config, seq: int, tok_path: str) -> list[dict]:
 
 
 def write_json(path: str, results: list[dict]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # checked creatable at startup
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(results, f, indent=2)

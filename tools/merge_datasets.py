@@ -18,6 +18,8 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_ds.data.errors import DataError
+from megatron_ds.errors import ConfigError
+from megatron_ds.paths import check_output_prefix
 from megatron_ds.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
 
@@ -65,8 +67,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         prefixes = expand_prefixes(args.input)
+        check_output_prefix(args.output_prefix, "--output-prefix")
         num_seqs, num_docs = merge(prefixes, args.output_prefix)
-    except DataError as e:
+    except (DataError, ConfigError) as e:
         sys.exit(f"error: {e}")
     print(f"{args.output_prefix}.{{bin,idx}}: {len(prefixes)} datasets, {num_docs} documents, "
           f"{num_seqs} sequences")

@@ -29,6 +29,8 @@ from megatron_ds.data.corpus_files import expand_inputs
 from megatron_ds.data.errors import DataError
 from megatron_ds.data.indexed_dataset import IndexedDatasetBuilder, best_dtype
 from megatron_ds.data.tokenizer import build_tokenizer
+from megatron_ds.errors import ConfigError
+from megatron_ds.paths import check_output_prefix
 
 BAD_LINES_SHOWN = 10
 
@@ -62,7 +64,8 @@ def main(argv=None):
     try:
         files = expand_inputs(args.input)
         tokenizer = build_tokenizer(args.tokenizer_model)
-    except (FileNotFoundError, DataError) as e:
+        check_output_prefix(args.output_prefix, "--output-prefix")
+    except (FileNotFoundError, DataError, ConfigError) as e:
         sys.exit(f"error: {e}")
 
     out_dir = os.path.dirname(os.path.abspath(args.output_prefix))

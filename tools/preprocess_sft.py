@@ -39,6 +39,8 @@ from megatron_ds.data.binarize import BLOCK_BYTES, InputError, Progress, map_blo
 from megatron_ds.data.chat import TEMPLATES, get_template
 from megatron_ds.data.corpus_files import expand_inputs
 from megatron_ds.data.errors import DataError
+from megatron_ds.errors import ConfigError
+from megatron_ds.paths import check_output_prefix
 from megatron_ds.data.indexed_dataset import IndexedDatasetBuilder, best_dtype
 from megatron_ds.data.sft_binarize import SftBlockEncoder
 from megatron_ds.data.sft_dataset import loss_mask_prefix, tokens_prefix
@@ -80,7 +82,8 @@ def main(argv=None) -> int:
         files = expand_inputs(args.input)
         template = get_template(args.chat_template)
         tokenizer = build_tokenizer(args.tokenizer_model)
-    except (FileNotFoundError, DataError) as e:
+        check_output_prefix(args.output_prefix, "--output-prefix")
+    except (FileNotFoundError, DataError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)

@@ -19,6 +19,8 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 from megatron_ds.data.corpus_files import expand_inputs, is_jsonl, open_text
 from megatron_ds.data.tokenizer import pad_vocab_size
+from megatron_ds.errors import ConfigError
+from megatron_ds.paths import check_writable_file
 
 SPECIAL_TOKENS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜pad▁of▁sentence｜>"]
 
@@ -77,12 +79,11 @@ def _numbered_lines(f, path):
 
 
 def output_file(output: str) -> str:
-    """--output is a .json file, or a directory (created) that gets tokenizer.json."""
-    if output.endswith(".json") and not os.path.isdir(output):
-        parent = os.path.dirname(os.path.abspath(output))
-    else:
-        parent, output = output, os.path.join(output, "tokenizer.json")
-    os.makedirs(parent, exist_ok=True)
+    """--output is a .json file, or a directory (created when the tokenizer is saved) that gets
+    tokenizer.json; checked writable here, before training, not after it."""
+    if not (output.endswith(".json") and not os.path.isdir(output)):
+        output = os.path.join(output, "tokenizer.json")
+    check_writable_file(output, "--output")
     return output
 
 
@@ -113,7 +114,8 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         files = expand_inputs(args.input)
-    except FileNotFoundError as e:
+        path = output_file(args.output)
+    except (FileNotFoundError, ConfigError) as e:
         sys.exit(f"error: {e}")
     tok = new_tokenizer()
     trainer = trainers.BpeTrainer(
@@ -124,7 +126,7 @@ def main(argv=None):
         tok.train_from_iterator(iter_texts(files, args.json_keys), trainer=trainer)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    path = output_file(args.output)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tok.save(path)
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     tp = args.tensor_model_parallel_size

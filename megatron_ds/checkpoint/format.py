@@ -53,6 +53,29 @@ def write_latest(root: str, name: str) -> None:
     fsync_dir(root)
 
 
+def latest_iteration(root: str) -> Optional[int]:
+    """The iteration ``ROOT/latest`` names, or None (no pointer, or not an ``iter_N`` name)."""
+    pointer = os.path.join(root, LATEST)
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer) as f:
+        m = _ITER_RE.match(f.read().strip())
+    return int(m.group(1)) if m else None
+
+
+def existing_checkpoint(root: str) -> Optional[str]:
+    """What says ``root`` already holds a checkpoint (for a message), or None: it is a checkpoint
+    directory itself, has a ``latest`` pointer, or holds a complete ``iter_N``."""
+    if os.path.isfile(os.path.join(root, METADATA)):
+        return f"it is a checkpoint directory ({METADATA})"
+    pointer = os.path.join(root, LATEST)
+    if os.path.isfile(pointer):
+        with open(pointer) as f:
+            return f"'{LATEST}' names {f.read().strip()}"
+    ckpts = complete_checkpoints(root)
+    return os.path.basename(ckpts[-1][1]) if ckpts else None
+
+
 def resolve(path: str) -> str:
     """The checkpoint directory to read: ``path`` itself if it holds metadata.json, else ``path/<latest>``."""
     if os.path.isfile(os.path.join(path, METADATA)):

@@ -11,19 +11,21 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 from typing import Optional
 
 import torch
 from safetensors import safe_open
 
-from megatron_ds.checkpoint.format import CheckpointError
+from megatron_ds.checkpoint.format import TMP_SUFFIX, CheckpointError
 from megatron_ds.checkpoint.load import CheckpointReader
 from megatron_ds.checkpoint.model_state import MODEL_PREFIX
-from megatron_ds.checkpoint.offline import write_layout
-from megatron_ds.checkpoint.safetensors_io import SafetensorsWriter
+from megatron_ds.checkpoint.offline import check_save_dir, write_layout
+from megatron_ds.checkpoint.safetensors_io import SafetensorsWriter, fsync_dir, write_file_atomic_bytes
 from megatron_ds.config import ModelConfig
 from megatron_ds.model.hf_names import hf_names
+from megatron_ds.paths import check_writable_dir
 
 INDEX = "model.safetensors.index.json"
 _HF_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -108,8 +110,60 @@ def _tokenizer_ids(tokenizer: Optional[dict]) -> tuple[Optional[str], Optional[i
     return path, tok.bos, tok.eod
 
 
-def export_hf(load: str, save: str, max_shard_bytes: int = 2 << 30, verify: bool = True) -> list[str]:
-    """Write our checkpoint at ``load`` as a HF Llama checkpoint in ``save``; returns the files written."""
+HF_CONFIG = "config.json"
+EXPORT_TMP = ".export" + TMP_SUFFIX
+_HF_WEIGHTS = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)$")
+_HF_INDEXES = (INDEX, "pytorch_model.bin.index.json")
+
+
+def hf_model_files(path: str) -> list[str]:
+    """Names of the files in ``path`` that make it a Hugging Face model: config.json, the weight
+    files (``model[-0000i-of-0000n].safetensors``, ``pytorch_model*.bin``) and their indexes."""
+    if not os.path.isdir(path):
+        return []
+    return sorted(n for n in os.listdir(path)
+                  if n == HF_CONFIG or n in _HF_INDEXES or _HF_WEIGHTS.match(n))
+
+
+def _write_json(path: str, obj) -> None:
+    write_file_atomic_bytes(path, json.dumps(obj, indent=2).encode())
+
+
+def _commit_export(save: str, tmp: str, written: list[str]) -> None:
+    """Move the files of a complete export from ``tmp`` into ``save``, removing the old model's.
+
+    The old config.json and index go first and the new ones come last, so that a crash in between
+    leaves a directory no loader takes for a complete model rather than a mix of two; old weight
+    files the new index does not name (a second export with fewer shards) are removed.
+    """
+    for name in (HF_CONFIG, *_HF_INDEXES):
+        if os.path.exists(os.path.join(save, name)):
+            os.remove(os.path.join(save, name))
+    for name in hf_model_files(save):
+        if name not in written:
+            os.remove(os.path.join(save, name))
+    last = (INDEX, HF_CONFIG)
+    for name in [n for n in written if n not in last] + [n for n in last if n in written]:
+        os.replace(os.path.join(tmp, name), os.path.join(save, name))
+    os.rmdir(tmp)
+    fsync_dir(save)
+
+
+def export_hf(load: str, save: str, max_shard_bytes: int = 2 << 30, verify: bool = True,
+              force: bool = False) -> list[str]:
+    """Write our checkpoint at ``load`` as a HF Llama checkpoint in ``save``; returns the files written.
+
+    A ``save`` that already holds a HF model is an error unless ``force``; then that model is
+    replaced: the export is written into ``save/.export.tmp`` and moved into place once complete,
+    and the old model's files it does not rewrite (stale shards) are removed. Other files in
+    ``save`` (a README, generation_config.json) are left alone.
+    """
+    check_writable_dir(save, "--save")
+    existing = hf_model_files(save)
+    if existing and not force:
+        shown = ", ".join(existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
+        raise CheckpointError(f"--save {save} already holds a Hugging Face model ({shown}); write to a new "
+                              "directory, or pass --force to replace it")
     reader = CheckpointReader(load, verify=verify)
     if reader.model_config is None:
         raise CheckpointError(f"{reader.dir}/metadata.json: no model config recorded")
@@ -130,31 +184,38 @@ def export_hf(load: str, save: str, max_shard_bytes: int = 2 << 30, verify: bool
         current.append(item)
         size += n
     shards.append(current)
-    os.makedirs(save, exist_ok=True)
-    weight_map, total, written = {}, 0, []
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        writer = SafetensorsWriter(os.path.join(save, fname), [(n, dt, s) for n, _, _, s, dt in shard],
-                                   metadata={"format": "pt"})
-        for name, key, row, shape, _ in shard:
-            writer.write(name, reader.read(key, (row,) + (0,) * (len(shape) - 1), shape))
-            weight_map[name] = fname
-        total += writer.close()["bytes"]
-        written.append(fname)
-    with open(os.path.join(save, INDEX), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     tok_path, bos, eos = _tokenizer_ids(reader.tokenizer)
-    dtype = reader.dtype(MODEL_PREFIX + "embedding.weight")
-    with open(os.path.join(save, "config.json"), "w") as f:
-        json.dump(hf_config(config, dtype, bos, eos), f, indent=2)
-    written += [INDEX, "config.json"]
-    if tok_path is not None:
-        names = ("tokenizer*", "special_tokens_map.json")
-        files = [tok_path] if os.path.isfile(tok_path) else sorted(
-            f for n in names for f in glob.glob(os.path.join(tok_path, n)))
-        for src in files:
-            shutil.copy(src, os.path.join(save, os.path.basename(src)))
-            written.append(os.path.basename(src))
+    os.makedirs(save, exist_ok=True)
+    tmp = os.path.join(save, EXPORT_TMP)
+    shutil.rmtree(tmp, ignore_errors=True)  # an interrupted export's
+    os.makedirs(tmp)
+    try:
+        weight_map, total, written = {}, 0, []
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            writer = SafetensorsWriter(os.path.join(tmp, fname), [(n, dt, s) for n, _, _, s, dt in shard],
+                                       metadata={"format": "pt"})
+            for name, key, row, shape, _ in shard:
+                writer.write(name, reader.read(key, (row,) + (0,) * (len(shape) - 1), shape))
+                weight_map[name] = fname
+            total += writer.close()["bytes"]
+            written.append(fname)
+        if tok_path is not None:
+            names = ("tokenizer*", "special_tokens_map.json")
+            files = [tok_path] if os.path.isfile(tok_path) else sorted(
+                f for n in names for f in glob.glob(os.path.join(tok_path, n)))
+            for src in files:
+                shutil.copy(src, os.path.join(tmp, os.path.basename(src)))
+                written.append(os.path.basename(src))
+        _write_json(os.path.join(tmp, INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
+        dtype = reader.dtype(MODEL_PREFIX + "embedding.weight")
+        _write_json(os.path.join(tmp, HF_CONFIG), hf_config(config, dtype, bos, eos))
+        written += [INDEX, HF_CONFIG]
+        fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _commit_export(save, tmp, written)
     return written
 
 
@@ -232,8 +293,12 @@ class HFSource:
 
 
 def import_hf(hf_path: str, save: str, target_tp: int = 1, target_pp: int = 1,
-              tokenizer_path: Optional[str] = None) -> str:
-    """Write the HF Llama checkpoint at ``hf_path`` in our format for TP x PP (iteration 0)."""
+              tokenizer_path: Optional[str] = None, *, force: bool = False, set_latest: bool = False) -> str:
+    """Write the HF Llama checkpoint at ``hf_path`` in our format for TP x PP (iteration 0).
+
+    ``force`` and ``set_latest``: as in ``offline.write_layout`` (a ``save`` holding a checkpoint is
+    refused unless ``force``)."""
+    check_save_dir(save, 0, force)  # before the HF model is read
     source = HFSource(hf_path)
     if tokenizer_path is None and os.path.isfile(os.path.join(hf_path, "tokenizer.json")):
         tokenizer_path = os.path.join(hf_path, "tokenizer.json")
@@ -243,6 +308,7 @@ def import_hf(hf_path: str, save: str, target_tp: int = 1, target_pp: int = 1,
 
         tokenizer = {"path": os.path.abspath(tokenizer_path), "sha256_16": build_tokenizer(tokenizer_path).identity()}
     return write_layout(save, source, source.config, target_tp, target_pp, tokenizer=tokenizer,
-                        extra_metadata={"imported_from": os.path.abspath(hf_path)})
+                        extra_metadata={"imported_from": os.path.abspath(hf_path)}, force=force,
+                        set_latest=set_latest)
 
 

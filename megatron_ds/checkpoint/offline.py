@@ -14,19 +14,21 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import time
 from typing import Optional
 
 import torch
 
 from megatron_ds.checkpoint.format import (
-    COMMON, FORMAT_VERSION, TMP_SUFFIX, CheckpointError, iter_dir_name, remove_stale_tmp,
+    COMMON, FORMAT_VERSION, TMP_SUFFIX, CheckpointError, existing_checkpoint, iter_dir_name, remove_stale_tmp,
 )
 from megatron_ds.checkpoint.load import CheckpointReader
 from megatron_ds.checkpoint.model_state import MODEL_PREFIX, meta_model_shard, model_sharded_tensors
 from megatron_ds.checkpoint.save import _Job
 from megatron_ds.checkpoint.sharded_tensor import ShardedTensor
 from megatron_ds.config import ModelConfig
+from megatron_ds.paths import check_writable_dir
 
 
 def target_pieces(source, config: ModelConfig, tp: int, pp: int) -> list[list[ShardedTensor]]:
@@ -68,10 +70,29 @@ def target_pieces(source, config: ModelConfig, tp: int, pp: int) -> list[list[Sh
              for p in pieces if p.replica_id == 0] for pieces in ranks]
 
 
+def check_save_dir(save: str, iteration: int, force: bool = False) -> None:
+    """A --save the offline tools may write ``iter_N`` into: writable (or creatable), and holding no
+    checkpoint unless ``force``; else a one-line error naming --save."""
+    check_writable_dir(save, "--save")
+    existing = existing_checkpoint(save)
+    if existing is not None and not force:
+        raise CheckpointError(f"--save {save} already holds a checkpoint ({existing}); write to a new directory, or "
+                              f"pass --force to add {iter_dir_name(iteration)} there (replacing one of that "
+                              f"iteration; 'latest' does not move back to an older iteration)")
+
+
 def write_layout(save: str, source, config: ModelConfig, tp: int, pp: int, *, iteration: int = 0,
                  consumed_samples: int = 0, full_config: Optional[dict] = None, tokenizer: Optional[dict] = None,
-                 common_state_bytes: Optional[bytes] = None, extra_metadata: Optional[dict] = None) -> str:
-    """Write ``source`` as ``save/iter_N`` laid out for TP ``tp`` x PP ``pp`` and point ``latest`` at it."""
+                 common_state_bytes: Optional[bytes] = None, extra_metadata: Optional[dict] = None,
+                 force: bool = False, set_latest: bool = False) -> str:
+    """Write ``source`` as ``save/iter_N`` laid out for TP ``tp`` x PP ``pp`` and point ``latest`` at it.
+
+    A ``save`` that already holds a checkpoint is an error unless ``force``; then an ``iter_N``
+    there is replaced whole (the new one is written as ``iter_N.tmp`` and renamed into place), and
+    ``latest`` stays on a newer iteration it names unless ``set_latest``. A write that fails removes
+    its ``.tmp`` directory and touches nothing else.
+    """
+    check_save_dir(save, iteration, force)
     ranks = target_pieces(source, config, tp, pp)
     final = os.path.join(save, iter_dir_name(iteration))
     tmp = final + TMP_SUFFIX
@@ -90,22 +111,29 @@ def write_layout(save: str, source, config: ModelConfig, tp: int, pp: int, *, it
         return block.reshape(-1)[p.flat_range[0]:p.flat_range[1]] if p.flat_range is not None else block
 
     # Rank 0 last: its job commits the checkpoint once every other rank's marker is there.
-    for rank in reversed(range(tp * pp)):
-        _Job(root=save, tmp=tmp, final=final, rank=rank, world_size=tp * pp, pieces=ranks[rank], rank_state=None,
-             common_state=common_state_bytes if rank == 0 else None, metadata=metadata, keep_last_n=None,
-             timeout_s=0.0, fetch=fetch).run()
+    try:
+        for rank in reversed(range(tp * pp)):
+            _Job(root=save, tmp=tmp, final=final, rank=rank, world_size=tp * pp, pieces=ranks[rank],
+                 rank_state=None, common_state=common_state_bytes if rank == 0 else None, metadata=metadata,
+                 keep_last_n=None, timeout_s=0.0, fetch=fetch, keep_newer_latest=not set_latest).run()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return final
 
 
-def reshard(load: str, save: str, target_tp: int, target_pp: int, verify: bool = True) -> str:
+def reshard(load: str, save: str, target_tp: int, target_pp: int, verify: bool = True, *, force: bool = False,
+            set_latest: bool = False) -> str:
     """Rewrite the checkpoint at ``load`` for TP ``target_tp`` x PP ``target_pp`` (1 x 1: one file).
 
     Everything layout-free comes along (tensors, config, iteration, consumed samples, tokenizer,
     the common state); per-rank states (RNG streams) belong to the old layout and are dropped.
+    ``force`` and ``set_latest``: as in ``write_layout``.
     """
     reader = CheckpointReader(load, verify=verify)
     if os.path.realpath(save) in (os.path.realpath(load), os.path.dirname(os.path.realpath(reader.dir))):
         raise CheckpointError(f"--save {save} is the checkpoint being read; write the resharded copy elsewhere")
+    check_save_dir(save, reader.iteration, force)  # before anything is read
     if reader.model_config is None:
         raise CheckpointError(f"{reader.dir}/metadata.json: no model config recorded; cannot tell the layers apart")
     config = ModelConfig(**reader.model_config)
@@ -118,4 +146,5 @@ def reshard(load: str, save: str, target_tp: int, target_pp: int, verify: bool =
     return write_layout(save, reader, config, target_tp, target_pp, iteration=reader.iteration,
                         consumed_samples=reader.consumed_samples, full_config=reader.config,
                         tokenizer=reader.tokenizer, common_state_bytes=common,
-                        extra_metadata={k: v for k, v in reader.meta.items() if k not in skip})
+                        extra_metadata={k: v for k, v in reader.meta.items() if k not in skip},
+                        force=force, set_latest=set_latest)

@@ -29,17 +29,61 @@ import torch
 import torch.distributed as dist
 
 from megatron_ds.checkpoint.checkpointing import AsyncCheckpointWriter, load, save, tokenizer_identity
-from megatron_ds.checkpoint.format import LATEST, METADATA
+from megatron_ds.checkpoint.format import LATEST, METADATA, read_metadata, resolve
 from megatron_ds.checkpoint.optimizer_state import (
     load_optimizer_state, optimizer_common_state, optimizer_sharded_tensors, reset_optimizer_from_model,
 )
 from megatron_ds.checkpoint.preemption import PreemptionHandler, StopTraining
+from megatron_ds.errors import ConfigError
 from megatron_ds.parallel.topology import ParallelState
+
+OVERRIDE_TOKENIZER_FLAG = "--override-tokenizer-check"
 
 
 def has_checkpoint(path: str) -> bool:
     """A --save directory with a ``latest`` pointer, or a checkpoint directory itself."""
     return os.path.isfile(os.path.join(path, LATEST)) or os.path.isfile(os.path.join(path, METADATA))
+
+
+def same_dir(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def tokenizer_mismatch(load: str, saved: Optional[dict], tokenizer_flag: Optional[str],
+                       identity: Optional[str], load_flag: str = "--load") -> Optional[str]:
+    """The one-line error when the checkpoint at ``load`` records a tokenizer (``saved``, its
+    metadata entry) other than the one given as ``--tokenizer-model tokenizer_flag`` (content hash
+    ``identity``); None when they match or either side is unknown."""
+    if not saved or not identity or not saved.get("sha256_16") or saved["sha256_16"] == identity:
+        return None
+    return (f"--tokenizer-model {tokenizer_flag} (sha256 {identity}) is not the tokenizer {load_flag} {load} was "
+            f"trained with ({saved.get('path')}, sha256 {saved['sha256_16']}); pass that tokenizer, or "
+            f"{OVERRIDE_TOKENIZER_FLAG} to go on with this one")
+
+
+def check_load(cfg, tokenizer=None) -> None:
+    """--load, checked before any process group exists and before any weight is read.
+
+    A --load that holds no checkpoint is an error, except when it is also --save: that is the
+    first start of a resumable job (later starts find the job's own checkpoint there). A
+    checkpoint trained with another tokenizer than --tokenizer-model is an error unless
+    --override-tokenizer-check.
+    """
+    t = cfg.training
+    if not t.load:
+        return
+    if not has_checkpoint(t.load):
+        if t.save and same_dir(t.load, t.save):
+            return
+        what = ("no such directory" if not os.path.exists(t.load)
+                else f"no checkpoint there (neither {LATEST} nor {METADATA})")
+        raise ConfigError(f"--load {t.load}: {what}; pass a directory written by --save, or drop --load to "
+                          "start from scratch (--load equal to --save may be empty: a resumable job's first start)")
+    if not t.override_tokenizer_check and tokenizer is not None:
+        saved = read_metadata(resolve(t.load)).get("tokenizer")
+        err = tokenizer_mismatch(t.load, saved, cfg.data.tokenizer_model, tokenizer.identity())
+        if err:
+            raise ConfigError(err)
 
 
 def _module_state_note(counts: tuple[int, int]) -> str:
@@ -84,8 +128,12 @@ class RunCheckpoints:
         if not t.load:
             return 0, 0
         if not has_checkpoint(t.load):
-            self._info(f"no checkpoint in --load {t.load}; starting from scratch")
+            if not (t.save and same_dir(t.load, t.save)):  # launch's check_load tells the user before this
+                raise ConfigError(f"--load {t.load}: no checkpoint there; pass a directory written by --save")
+            self._info(f"no checkpoint in --load {t.load} yet (it is --save); starting from scratch")
             return 0, 0
+        # Before any weight is read: every rank reads the same metadata, so all raise together.
+        check_load(self.cfg, self.tokenizer)
         weights_only = t.finetune
         ckpt = load(t.load, self.chunks, self.state, rng_tracker=self.rng_tracker,
                     load_rng=not (t.no_load_rng or weights_only))
@@ -93,10 +141,12 @@ class RunCheckpoints:
             reset_optimizer_from_model(self.optimizer)
         else:
             load_optimizer_state(self.optimizer, self.chunks, self.state, ckpt.reader, ckpt.common_state)
-        saved_tok, tok = ckpt.reader.tokenizer, tokenizer_identity(self.tokenizer)
-        if saved_tok and tok and saved_tok.get("sha256_16") != tok.get("sha256_16"):
+        tok = tokenizer_identity(self.tokenizer)
+        if tok is not None and tokenizer_mismatch(t.load, ckpt.reader.tokenizer, tok["path"], tok["sha256_16"]):
+            saved_tok = ckpt.reader.tokenizer
             self._info(f"warning: {ckpt.reader.dir} was trained with tokenizer {saved_tok.get('path')} "
-                       f"({saved_tok.get('sha256_16')}), this run uses {tok['path']} ({tok['sha256_16']})")
+                       f"({saved_tok.get('sha256_16')}), this run uses {tok['path']} ({tok['sha256_16']}) "
+                       f"({OVERRIDE_TOKENIZER_FLAG})")
         saved_layout = ckpt.reader.meta.get("layout") or {}
         where = (f"{ckpt.reader.dir} (saved at TP {saved_layout.get('tp')} x PP {saved_layout.get('pp')} x "
                  f"DP {saved_layout.get('dp')}, iteration {ckpt.iteration})")

@@ -31,8 +31,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_ds.checkpoint.format import (
-    COMMON, FORMAT_VERSION, METADATA, TMP_SUFFIX, CheckpointError, iter_dir_name, prune, rank_file,
-    remove_stale_tmp, write_latest,
+    COMMON, FORMAT_VERSION, METADATA, TMP_SUFFIX, CheckpointError, iter_dir_name, latest_iteration, prune,
+    rank_file, remove_stale_tmp, write_latest,
 )
 from megatron_ds.checkpoint.safetensors_io import SafetensorsWriter, dtype_name, fsync_dir, write_file_atomic_bytes
 from megatron_ds.checkpoint.sharded_tensor import ShardedTensor
@@ -121,6 +121,9 @@ class _Job:
     timeout_s: float
     fetch: Optional[Callable[[ShardedTensor], torch.Tensor]] = None
     """Offline tools: produce each piece's data when it is written (pieces hold meta tensors)."""
+    keep_newer_latest: bool = False
+    """Offline tools: leave ``latest`` alone when it names a newer iteration than this one (an older
+    checkpoint written into a run's directory must not become what the next --load resumes)."""
 
     def run(self) -> None:
         index = self._write_rank_files()
@@ -199,7 +202,9 @@ class _Job:
         os.replace(self.tmp, self.final)
         fsync_dir(self.root)
         _file_done(self.final)
-        write_latest(self.root, os.path.basename(self.final))
+        newer = latest_iteration(self.root)
+        if not (self.keep_newer_latest and newer is not None and newer > self.metadata["iteration"]):
+            write_latest(self.root, os.path.basename(self.final))
         prune(self.root, self.keep_last_n)
 
 

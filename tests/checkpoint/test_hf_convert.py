@@ -123,3 +123,66 @@ def test_import_then_export_gives_back_the_hf_weights(tmp_path):
 def test_import_of_a_directory_without_config_is_a_one_line_error(tmp_path, capsys):
     assert convert_main(["import", "--hf", str(tmp_path), "--save", str(tmp_path / "out")]) == 2
     assert "config.json: not found" in capsys.readouterr().err
+
+
+def _error(argv, capsys):
+    assert convert_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def _files(path):
+    out = {}
+    for name in sorted(os.listdir(path)):
+        with open(os.path.join(path, name), "rb") as f:
+            out[name] = f.read()
+    return out
+
+
+def test_export_into_an_existing_model_is_refused_and_force_replaces_it_without_stale_shards(tmp_path, capsys):
+    model = model_with_weights(ParallelState(), hf_weights())
+    ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "hf")
+    save_checkpoint(ckpt, 3, model_sharded_tensors(model), config=config())
+    assert convert_main(["export", "--load", ckpt, "--save", out, "--max-shard-size-mb", "0.0625"]) == 0
+    (tmp_path / "hf" / "README.md").write_text("notes")
+    first = _files(out)
+    shards = [n for n in first if n.startswith("model-")]
+    assert len(shards) > 2
+    # A second export: refused, and nothing in the directory changes.
+    err = _error(["export", "--load", ckpt, "--save", out], capsys)
+    assert err == (f"error: --save {out} already holds a Hugging Face model (config.json, {shards[0]}, {shards[1]} "
+                   f"and {len(first) - 4} more); write to a new directory, or pass --force to replace it")
+    assert _files(out) == first
+    # --force: one shard now; the old ones are gone, the README stays, nothing temporary is left.
+    assert convert_main(["export", "--load", ckpt, "--save", out, "--force"]) == 0
+    with open(os.path.join(out, "model.safetensors.index.json")) as f:
+        assert set(json.load(f)["weight_map"].values()) == {"model-00001-of-00001.safetensors"}
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "model-00001-of-00001.safetensors",
+                                       "model.safetensors.index.json"]
+    from safetensors.torch import load_file
+
+    assert load_file(os.path.join(out, "model-00001-of-00001.safetensors")).keys() == hf_weights().keys()
+
+
+def test_import_into_a_checkpoint_dir_is_refused_unless_forced(tmp_path, capsys):
+    hf_dir, run = str(tmp_path / "hf"), str(tmp_path / "run")
+    hf_model("gqa", 1000).save_pretrained(hf_dir)
+    save_checkpoint(run, 7, model_sharded_tensors(new_model()), config=config())
+    capsys.readouterr()  # transformers' progress bars
+    err = _error(["import", "--hf", hf_dir, "--save", run], capsys)
+    assert err.startswith(f"error: --save {run} already holds a checkpoint ('latest' names iter_0000007); write to "
+                          "a new directory, or pass --force")
+    assert sorted(os.listdir(run)) == ["iter_0000007", "latest"]
+    assert convert_main(["import", "--hf", hf_dir, "--save", run, "--force"]) == 0
+    assert "still names iter_0000007, newer than iter_0000000" in capsys.readouterr().out
+    assert CheckpointReader(run).iteration == 7 and CheckpointReader(os.path.join(run, "iter_0000000")).iteration == 0
+
+
+def test_convert_to_an_unwritable_save_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    for cmd in (["export", "--load", str(tmp_path)], ["import", "--hf", str(tmp_path)]):
+        err = _error(cmd + ["--save", str(tmp_path / "file")], capsys)
+        assert err == (f"error: --save {tmp_path / 'file'}: exists and is not a directory; "
+                       "pass a directory (new or existing)")
+    assert (tmp_path / "file").read_text() == "x"

@@ -157,3 +157,29 @@ def test_tokenizer_larger_than_the_model_vocabulary(tokenizer_json):
         load_tokenizer(cfg)
     cfg.model.vocab_size = vocab
     assert load_tokenizer(cfg).vocab_size == vocab
+
+
+@pytest.mark.parametrize("tool", ["train_tokenizer", "preprocess_data", "merge_datasets"])
+def test_unwritable_output_is_one_line_before_any_work(tool, tmp_path, corpus_jsonl, tokenizer_json):
+    """An output under a regular file (or in /proc) is found before tokenizing or training, not after."""
+    from tools import merge_datasets, train_tokenizer
+
+    (tmp_path / "file").write_text("x")
+    bad = str(tmp_path / "file" / "out")
+    argv, main = {
+        "train_tokenizer": (["--input", str(corpus_jsonl), "--vocab-size", "300", "--output", bad + ".json"],
+                            train_tokenizer.main),
+        "preprocess_data": (["--input", str(corpus_jsonl), "--tokenizer-model", str(tokenizer_json),
+                             "--output-prefix", bad], preprocess_data.main),
+        "merge_datasets": (["--input", write_idx(tmp_path), "--output-prefix", bad], merge_datasets.main),
+    }[tool]
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    msg = str(e.value.code)
+    flag = "--output" if tool == "train_tokenizer" else "--output-prefix"
+    assert msg.startswith(f"error: {flag} {bad}") and "is not a directory" in msg and "\n" not in msg, msg
+    assert sorted(os.listdir(tmp_path)) == before and (tmp_path / "file").read_text() == "x"
+    with pytest.raises(SystemExit) as e:
+        main(argv[:-1] + ["/proc/megatron-ds-x/out"])
+    assert "cannot be created in /proc" in str(e.value.code)

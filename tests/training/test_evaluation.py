@@ -165,3 +165,44 @@ def test_bad_input_is_one_line(setup, tmp_path, capsys):
     assert "--tensor-model-parallel-size 3" in _error(
         ["--load", ck, "--data-path", str(d / "held_a_text_document"), "--tensor-model-parallel-size", "3"], capsys)
     assert not os.path.exists(tmp_path / "results.json")
+
+
+def test_output_json_is_checked_before_evaluating(setup, tmp_path, capsys):
+    d, _, _, _ = setup
+    args = ["--load", str(d / "ckpt"), "--data-path", str(d / "held_a_text_document"), "--output-json"]
+    (tmp_path / "file").write_text("")
+    err = _error(args + [str(tmp_path / "file" / "r.json")], capsys)
+    assert err.startswith(f"error: --output-json {tmp_path / 'file' / 'r.json'}: its directory {tmp_path / 'file'}: "
+                          f"exists and is not a directory")
+    assert _error(args + ["/proc/megatron-ds-x/r.json"], capsys).startswith(
+        "error: --output-json /proc/megatron-ds-x/r.json: its directory /proc/megatron-ds-x: cannot be created in "
+        "/proc")
+    assert "--output-json" in _error(args + [str(tmp_path)], capsys)  # a directory, not a file
+    assert os.listdir(tmp_path) == ["file"]
+
+
+def test_another_tokenizer_than_the_checkpoints_is_one_line(setup, tmp_path, capsys):
+    from tools import train_tokenizer
+
+    d, tok, _, _ = setup
+    ck, data = str(d / "ckpt"), str(d / "held_a_text_document")
+    _write(tmp_path / "t.jsonl", ["a few other words", "and then some"] * 20)
+    other = str(tmp_path / "other.json")
+    train_tokenizer.main(["--input", str(tmp_path / "t.jsonl"), "--vocab-size", "260", "--output", other])
+    capsys.readouterr()
+    err = _error(["--load", ck, "--data-path", data, "--tokenizer-model", other], capsys)
+    assert err.startswith(f"error: --tokenizer-model {other} (sha256 ")
+    assert f"is not the tokenizer --load {ck} was trained with ({tok}, " in err and "--override-tokenizer-check" in err
+    # Overridden, the corpus still holds ids the other tokenizer does not have: one line, not an IndexError.
+    err = _error(["--load", ck, "--data-path", data, "--tokenizer-model", other, "--override-tokenizer-check"], capsys)
+    assert err.startswith(f"error: --data-path {data}: holds token id ") and "outside --tokenizer-model" in err
+
+
+def test_output_json_directory_is_created(setup, tmp_path):
+    d, _, _, _ = setup
+    from tools.evaluate import main
+
+    out = tmp_path / "new" / "dir" / "r.json"
+    assert main(["--load", str(d / "ckpt"), "--data-path", str(d / "held_a_text_document"), "--eval-iters", "1",
+                 "--no-fused-kernels", "--output-json", str(out)]) == 0
+    assert len(json.loads(out.read_text())) == 1 and os.listdir(out.parent) == ["r.json"]
