@@ -115,6 +115,11 @@ class SFTTrainer(Trainer):
     def log_scalars(self, scalars: dict[str, float]) -> dict[str, float]:
         return {**scalars, "epoch": self.result.consumed_train_samples / self.train_ds.num_packed}
 
+    def data_source(self, dataset) -> str:
+        if dataset is self.valid_ds and dataset is not None:
+            return f"--valid-data-path {' '.join(self.cfg.sft.valid_data_path or [])}"
+        return super().data_source(dataset)
+
 
 def run(cfg: SFTRunConfig, state, tokenizer=None, log: bool | None = None):
     """One SFT run, callable in-process (tests): pack, fix the iterations, then pretrain.run."""

@@ -165,3 +165,21 @@ def test_bad_input_is_one_line(setup, tmp_path, capsys):
     assert "--tensor-model-parallel-size 3" in _error(
         ["--load", ck, "--data-path", str(d / "held_a_text_document"), "--tensor-model-parallel-size", "3"], capsys)
     assert not os.path.exists(tmp_path / "results.json")
+
+
+def test_token_ids_past_the_checkpoint_vocabulary_are_one_line(setup, tmp_path, capsys):
+    """Data binarized by a larger tokenizer: an error naming the prefix and the id, not a loss (or an IndexError)."""
+    from megatron_ds.data.indexed_dataset import IndexedDatasetBuilder
+
+    d, tok, _, _ = setup
+    vocab = build_tokenizer(tok).vocab_size
+    prefix = str(tmp_path / "wide_text_document")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for i in range(40):
+        builder.add_document(np.arange(i, i + 20) % vocab if i else np.full(20, vocab + 5))
+    builder.finalize(prefix + ".idx")
+    line = _error(["--load", str(d / "ckpt"), "--data-path", prefix, "--micro-batch-size", "4",
+                   "--no-fused-kernels", "--output-json", str(tmp_path / "results.json")], capsys)
+    assert line.startswith(f"error: --data-path {prefix}: token id {vocab + 5} is outside the model's vocabulary "
+                           f"of {vocab}") and f"--tokenizer-model {tok}" in line, line
+    assert not os.path.exists(tmp_path / "results.json")
