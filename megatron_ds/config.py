@@ -40,7 +40,9 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     """Longest sequence the rotary tables are built for."""
     vocab_size: int = 102400
-    """Tokenizer vocabulary (before padding). Set from --tokenizer-model when one is given."""
+    """The model's vocabulary (before padding): the --model preset's unless given. Not read from
+    --tokenizer-model: a tokenizer with more tokens than this is an error, one with fewer leaves the rest
+    of the embedding unused; token ids in the data must be below it."""
     make_vocab_size_divisible_by: int = 128
     """The model vocabulary is padded to a multiple of this times the TP size."""
     norm_epsilon: float = 1e-6
@@ -106,7 +108,9 @@ class TrainingConfig:
     lr_warmup_iters: int = 0
     """Steps of linear warmup from 0 to --lr."""
     lr_decay_style: str = "multistep"
-    """'multistep' (DeepSeek: x0.316 at 80%, x0.1 at 90% of training), 'cosine' or 'constant'."""
+    """'multistep' (DeepSeek: x0.316 at 80%, x0.1 at 90% of training; --lr-decay-milestones/-factors), 'cosine'
+    (to --min-lr), 'constant', or 'wsd' (warmup-stable-decay: the peak until the last --lr-wsd-decay-iters,
+    then down to --min-lr)."""
     lr_decay_iters: Optional[int] = None
     """Steps over which the schedule decays; None means --train-iters."""
     weight_decay: float = 0.1
