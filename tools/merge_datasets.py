@@ -67,7 +67,8 @@ def main(argv=None):
         prefixes = expand_prefixes(args.input)
         num_seqs, num_docs = merge(prefixes, args.output_prefix)
     except DataError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"{args.output_prefix}.{{bin,idx}}: {len(prefixes)} datasets, {num_docs} documents, "
           f"{num_seqs} sequences")
     return 0

@@ -43,10 +43,10 @@ def setup(tmp_path_factory):
     for name, texts in docs.items():
         _write(d / f"{name}.jsonl", texts)
     tok = str(d / "tokenizer.json")
-    train_tokenizer.main(["--input", str(d / "train.jsonl"), "--vocab-size", "300", "--output", tok])
+    assert train_tokenizer.main(["--input", str(d / "train.jsonl"), "--vocab-size", "300", "--output", tok]) == 0
     for name in docs:
-        preprocess_data.main(["--input", str(d / f"{name}.jsonl"), "--output-prefix", str(d / name),
-                              "--tokenizer-model", tok, "--append-eod"])
+        assert preprocess_data.main(["--input", str(d / f"{name}.jsonl"), "--output-prefix", str(d / name),
+                                     "--tokenizer-model", tok, "--append-eod"]) == 0
     vocab = build_tokenizer(tok).vocab_size
     cfg = config_from_args([
         "--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "96", "--num-attention-heads", "4",

@@ -35,9 +35,9 @@ def corpus(tmp_path_factory):
     with open(d / "c.jsonl", "w") as f:
         for i in range(300):
             f.write(json.dumps({"text": " ".join(words[(i * 7 + j * 3) % len(words)] for j in range(60))}) + "\n")
-    train_tokenizer.main(["--input", str(d / "c.jsonl"), "--vocab-size", "300", "--output", str(d / "tok.json")])
-    preprocess_data.main(["--input", str(d / "c.jsonl"), "--output-prefix", str(d / "c"),
-                          "--tokenizer-model", str(d / "tok.json"), "--append-eod"])
+    assert train_tokenizer.main(["--input", str(d / "c.jsonl"), "--vocab-size", "300", "--output", str(d / "tok.json")]) == 0
+    assert preprocess_data.main(["--input", str(d / "c.jsonl"), "--output-prefix", str(d / "c"),
+                                 "--tokenizer-model", str(d / "tok.json"), "--append-eod"]) == 0
     return d
 
 
