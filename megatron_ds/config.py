@@ -322,8 +322,12 @@ def _base_type(f: dataclasses.Field):
     raise TypeError(f"unsupported config field type {text}")
 
 
-def build_parser(prog: str = "megatron_ds.pretrain", config_cls: type = Config) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Megatron-style 3D-parallel trainer for DeepSeek LLM models.")
+PRETRAIN_DESCRIPTION = "Megatron-style 3D-parallel trainer for DeepSeek LLM models."
+
+
+def build_parser(prog: str = "megatron_ds.pretrain", config_cls: type = Config,
+                 description: str = PRETRAIN_DESCRIPTION) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--model", default="tiny", help=f"architecture preset: {', '.join(PRESETS)}; single flags override it")
     for section, cls in config_sections(config_cls).items():
         group = parser.add_argument_group(section)
@@ -342,10 +346,10 @@ def build_parser(prog: str = "megatron_ds.pretrain", config_cls: type = Config) 
 
 
 def config_from_args(argv: Optional[list[str]] = None, config_cls: type = Config,
-                     prog: str = "megatron_ds.pretrain") -> Config:
+                     prog: str = "megatron_ds.pretrain", description: str = PRETRAIN_DESCRIPTION) -> Config:
     """Parse Megatron-style flags into a Config (or the entry point's subclass ``config_cls``):
-    preset first, then explicit flags on top."""
-    parser = build_parser(prog, config_cls)
+    preset first, then explicit flags on top. ``description`` heads --help."""
+    parser = build_parser(prog, config_cls, description)
     ns = vars(parser.parse_args(argv))
     preset = ns.pop("model")
     cfg = config_cls(model=model_preset(preset), preset=preset)

@@ -30,6 +30,10 @@ from megatron_ds.data.sft_dataset import ConversationCorpus, SFTDataset
 from megatron_ds.training.trainer import Trainer
 
 
+DESCRIPTION = ("Supervised fine-tuning of a DeepSeek LLM model on conversations binarized by tools/preprocess_sft.py "
+               "(loss on assistant tokens only), with pre-training's layouts, checkpoints and flags plus the sft section.")
+
+
 @dataclass
 class SFTConfig:
     """Supervised fine-tuning on conversations (megatron_ds.sft)."""
@@ -145,7 +149,7 @@ def run(cfg: SFTRunConfig, state, tokenizer=None, log: bool | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    return pretrain.launch(argv, SFTRunConfig, "megatron_ds.sft", check_inputs, run)
+    return pretrain.launch(argv, SFTRunConfig, "megatron_ds.sft", check_inputs, run, DESCRIPTION)
 
 
 def cli() -> None:
