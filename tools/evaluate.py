@@ -137,7 +137,8 @@ def run(args, config, seq: int, tok_path: str) -> list[dict]:
         # or a loss over masked ids (TP > 1).
         check = VocabCheck(config.vocab_size, f"--data-path {prefix}",
                            fix=f"binarize it with the model's tokenizer (--tokenizer-model {tok_path}, "
-                               f"{tokenizer.vocab_size} tokens) and evaluate that")
+                               f"{tokenizer.vocab_size} tokens) and evaluate that",
+                           vocabulary="the checkpoint's vocabulary of {vocab_size}")
         res = evaluate([model], state, global_batches(dataset, state, args.micro_batch_size, 1, num_batches,
                                                       vocab_check=check),
                        token_bytes=token_bytes)

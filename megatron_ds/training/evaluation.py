@@ -67,6 +67,8 @@ class VocabCheck:
     fix: str = ("use data binarized with a tokenizer that fits the model (--tokenizer-model), or pass "
                 "--vocab-size {needed} or more")
     """What to do; ``{needed}`` is the smallest vocabulary that holds the offending id."""
+    vocabulary: str = "the model's vocabulary of {vocab_size} (--vocab-size)"
+    """How the message names the vocabulary (tools/evaluate.py: the checkpoint's, which no flag sets)."""
 
     def __call__(self, batch: dict, state: Optional[ParallelState] = None) -> None:
         for key in ("tokens", "labels"):
@@ -75,8 +77,8 @@ class VocabCheck:
                 continue
             hi = int(x.numpy().max())
             if hi >= self.vocab_size:
-                err = DataError(f"{self.source}: token id {hi} is outside the model's vocabulary of "
-                                f"{self.vocab_size} (--vocab-size); {self.fix.format(needed=hi + 1)}")
+                err = DataError(f"{self.source}: token id {hi} is outside "
+                                f"{self.vocabulary.format(vocab_size=self.vocab_size)}; {self.fix.format(needed=hi + 1)}")
                 # Every rank of a model replica reads the same samples and raises together; with DP > 1
                 # another replica may not, so rank 0 may never see it: the replica's first rank says it.
                 err.report_on_this_rank = (state is not None and state.dp_size > 1

@@ -180,6 +180,6 @@ def test_token_ids_past_the_checkpoint_vocabulary_are_one_line(setup, tmp_path, 
     builder.finalize(prefix + ".idx")
     line = _error(["--load", str(d / "ckpt"), "--data-path", prefix, "--micro-batch-size", "4",
                    "--no-fused-kernels", "--output-json", str(tmp_path / "results.json")], capsys)
-    assert line.startswith(f"error: --data-path {prefix}: token id {vocab + 5} is outside the model's vocabulary "
-                           f"of {vocab}") and f"--tokenizer-model {tok}" in line, line
+    assert line.startswith(f"error: --data-path {prefix}: token id {vocab + 5} is outside the checkpoint's "
+                           f"vocabulary of {vocab}; ") and f"--tokenizer-model {tok}" in line, line
     assert not os.path.exists(tmp_path / "results.json")
