@@ -98,7 +98,8 @@ def make_sft_data(directory: str, conversations: int) -> str:
     chats, corpus = os.path.join(directory, "chats.jsonl"), os.path.join(directory, "corpus.jsonl")
     sft_conversations.main(["--output", chats, "--conversations", str(conversations), "--text-output", corpus])
     tok = os.path.join(directory, "tokenizer.json")
-    train_tokenizer.main(["--input", corpus, "--vocab-size", "320", "--output", tok])
+    if train_tokenizer.main(["--input", corpus, "--vocab-size", "320", "--output", tok]) != 0:
+        raise RuntimeError("train_tokenizer failed")
     prefix = os.path.join(directory, "chats")
     if preprocess_sft.main(["--input", chats, "--output-prefix", prefix, "--tokenizer-model", tok]) != 0:
         raise RuntimeError("preprocess_sft failed")

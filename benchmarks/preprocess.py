@@ -201,7 +201,8 @@ def main():
         from tools import train_tokenizer
 
         tok_path = os.path.join(work, "tokenizer.json")
-        train_tokenizer.main(["--input", sample, "--vocab-size", "32000", "--output", tok_path])
+        if train_tokenizer.main(["--input", sample, "--vocab-size", "32000", "--output", tok_path]) != 0:
+            raise RuntimeError("train_tokenizer failed")
     print(f"os.cpu_count() = {os.cpu_count()}, load average {os.getloadavg()[0]:.2f} "
           "(cores shared with other processes: numbers are indicative)")
 

@@ -2,7 +2,9 @@
 user did wrong ends in one line on stderr and exit code 2, and the process group is always torn down.
 
 A user error is an exception of one of USER_ERRORS, raised with a message that names the flag or the
-file and what to do; anything else is a bug and keeps its traceback.
+file and what to do; anything else is a bug and keeps its traceback. Rank 0 prints it, and so does any
+rank whose error carries ``report_on_this_rank`` (an error only some data-parallel replicas meet, which
+rank 0 may not).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ def run_command(body: Callable[[], None]) -> int:
     try:
         body()
     except USER_ERRORS as e:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if int(os.environ.get("RANK", "0")) == 0 or getattr(e, "report_on_this_rank", False):
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     finally:

@@ -40,7 +40,9 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     """Longest sequence the rotary tables are built for."""
     vocab_size: int = 102400
-    """Tokenizer vocabulary (before padding). Set from --tokenizer-model when one is given."""
+    """The model's vocabulary (before padding): the --model preset's unless given. Not read from
+    --tokenizer-model: a tokenizer with more tokens than this is an error, one with fewer leaves the rest
+    of the embedding unused; token ids in the data must be below it."""
     make_vocab_size_divisible_by: int = 128
     """The model vocabulary is padded to a multiple of this times the TP size."""
     norm_epsilon: float = 1e-6
@@ -106,7 +108,9 @@ class TrainingConfig:
     lr_warmup_iters: int = 0
     """Steps of linear warmup from 0 to --lr."""
     lr_decay_style: str = "multistep"
-    """'multistep' (DeepSeek: x0.316 at 80%, x0.1 at 90% of training), 'cosine' or 'constant'."""
+    """'multistep' (DeepSeek: x0.316 at 80%, x0.1 at 90% of training; --lr-decay-milestones/-factors), 'cosine'
+    (to --min-lr), 'constant', or 'wsd' (warmup-stable-decay: the peak until the last --lr-wsd-decay-iters,
+    then down to --min-lr)."""
     lr_decay_iters: Optional[int] = None
     """Steps over which the schedule decays; None means --train-iters."""
     weight_decay: float = 0.1
@@ -324,8 +328,12 @@ def _base_type(f: dataclasses.Field):
     raise TypeError(f"unsupported config field type {text}")
 
 
-def build_parser(prog: str = "megatron_ds.pretrain", config_cls: type = Config) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Megatron-style 3D-parallel trainer for DeepSeek LLM models.")
+PRETRAIN_DESCRIPTION = "Megatron-style 3D-parallel trainer for DeepSeek LLM models."
+
+
+def build_parser(prog: str = "megatron_ds.pretrain", config_cls: type = Config,
+                 description: str = PRETRAIN_DESCRIPTION) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--model", default="tiny", help=f"architecture preset: {', '.join(PRESETS)}; single flags override it")
     for section, cls in config_sections(config_cls).items():
         group = parser.add_argument_group(section)
@@ -344,10 +352,10 @@ def build_parser(prog: str = "megatron_ds.pretrain", config_cls: type = Config) 
 
 
 def config_from_args(argv: Optional[list[str]] = None, config_cls: type = Config,
-                     prog: str = "megatron_ds.pretrain") -> Config:
+                     prog: str = "megatron_ds.pretrain", description: str = PRETRAIN_DESCRIPTION) -> Config:
     """Parse Megatron-style flags into a Config (or the entry point's subclass ``config_cls``):
-    preset first, then explicit flags on top."""
-    parser = build_parser(prog, config_cls)
+    preset first, then explicit flags on top. ``description`` heads --help."""
+    parser = build_parser(prog, config_cls, description)
     ns = vars(parser.parse_args(argv))
     preset = ns.pop("model")
     cfg = config_cls(model=model_preset(preset), preset=preset)

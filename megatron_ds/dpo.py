@@ -38,6 +38,10 @@ from megatron_ds.training.logger import RunLogger
 from megatron_ds.training.trainer import TrainResult
 
 
+DESCRIPTION = ("Direct Preference Optimization of a policy against a frozen reference model on --dpo-data preference "
+               "pairs, with pre-training's layouts, checkpoints and flags plus the dpo section.")
+
+
 @dataclass
 class DPOConfig:
     """Direct Preference Optimization."""
@@ -179,7 +183,7 @@ def run(cfg: DPORunConfig, state, tokenizer, log: Optional[bool] = None) -> Trai
 
 
 def main(argv: list[str] | None = None) -> int:
-    return pretrain.launch(argv, DPORunConfig, "megatron_ds.dpo", check_inputs, run)
+    return pretrain.launch(argv, DPORunConfig, "megatron_ds.dpo", check_inputs, run, DESCRIPTION)
 
 
 def cli() -> None:

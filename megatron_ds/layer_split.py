@@ -53,17 +53,38 @@ def stage_layer_counts(num_layers: int, parallel) -> list[int]:
         flags = " + ".join(f"--decoder-{'first' if i == 0 else 'last'}-pipeline-num-layers {n}"
                            for i, n in sorted(fixed.items()))
         rest, others = num_layers - sum(fixed.values()), pp - len(fixed)
-        if rest < 0 or (others == 0 and rest != 0) or (others > 0 and rest % others != 0):
+        if not fixed and pp > num_layers:
+            raise ConfigError(f"--pipeline-model-parallel-size {pp} exceeds --num-layers {num_layers}: every pipeline "
+                              f"stage needs at least one layer")
+        if not fixed and rest % pp != 0:
             raise ConfigError(
-                f"{flags or '--pipeline-model-parallel-size ' + str(pp)} leaves {rest} of --num-layers {num_layers} "
-                f"for {others} other stage(s), which does not split evenly; pick counts that add up, or "
-                f"--pipeline-layer-split")
+                f"--pipeline-model-parallel-size {pp} does not divide --num-layers {num_layers} into equal stages; "
+                f"set --decoder-first-pipeline-num-layers / --decoder-last-pipeline-num-layers, or every stage's "
+                f"count with --pipeline-layer-split (e.g. {','.join(map(str, _near_even(num_layers, pp)))})")
+        if rest < 0:
+            raise ConfigError(f"{flags}: more layers than --num-layers {num_layers}; lower them")
+        if others == 0 and rest != 0:
+            raise ConfigError(f"{flags}: {num_layers - rest} layers on {pp} stage(s), not --num-layers {num_layers}; "
+                              f"make them add up")
+        if others > 0 and rest % others != 0:
+            raise ConfigError(f"with {flags}, the other {others} stage(s) get {rest} of --num-layers {num_layers}, which "
+                              f"does not split evenly; pick counts that leave a multiple of {others}, or "
+                              f"--pipeline-layer-split")
         counts = [fixed.get(i, rest // others if others else 0) for i in range(pp)]
     if any(n < 1 for n in counts):
-        flag = "--pipeline-layer-split" if parallel.pipeline_layer_split is not None else "--pipeline-model-parallel-size"
+        flag = ("--pipeline-layer-split" if parallel.pipeline_layer_split is not None else
+                "--decoder-first-pipeline-num-layers" if first is not None and first < 1 else
+                "--decoder-last-pipeline-num-layers" if last is not None and last < 1 else
+                "--pipeline-model-parallel-size")
         raise ConfigError(f"{flag}: every pipeline stage needs at least one layer, the split is {counts} "
                           f"for --num-layers {num_layers}")
     return counts
+
+
+def _near_even(num_layers: int, pp: int) -> list[int]:
+    """A split of ``num_layers`` into ``pp`` counts that differ by at most one, the larger ones last."""
+    base, extra = divmod(num_layers, pp)
+    return [base + (i >= pp - extra) for i in range(pp)]
 
 
 def num_virtual_chunks(num_layers: int, parallel) -> int:

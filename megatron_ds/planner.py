@@ -100,9 +100,12 @@ class Layout:
     stage_layers: tuple = ()
 
     def flags(self, num_layers: int) -> list[str]:
-        """The pretrain flags for this layout."""
+        """The pretrain flags for this layout, with what its estimates assume: bf16 params, ZeRO-1
+        (--use-distributed-optimizer) and the all-gather overlapped with the next forward
+        (--overlap-param-gather)."""
         out = ["--tensor-model-parallel-size", str(self.tp), "--pipeline-model-parallel-size", str(self.pp),
-               "--micro-batch-size", str(self.micro_batch)]
+               "--micro-batch-size", str(self.micro_batch), "--bf16", "--use-distributed-optimizer",
+               "--overlap-param-gather"]
         if self.tp > 1:
             out.append("--sequence-parallel")
         out += split_flags(list(self.stage_layers)) if self.pp > 1 and self.vpp == 1 else []

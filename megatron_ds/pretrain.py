@@ -16,7 +16,9 @@ import torch.distributed as dist
 from megatron_ds.checkpoint.preemption import StopTraining
 from megatron_ds.checkpoint.run_checkpoints import RunCheckpoints, check_load
 from megatron_ds.cli import run_command
-from megatron_ds.config import Config, ConfigError, config_from_args, count_parameters, validate
+from megatron_ds.config import (
+    PRETRAIN_DESCRIPTION, Config, ConfigError, config_from_args, count_parameters, validate,
+)
 from megatron_ds.cpu_allocator import keep_freed_memory
 from megatron_ds.data.errors import DataError
 from megatron_ds.parallel.random import model_parallel_manual_seed
@@ -225,13 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     return launch(argv, Config, "megatron_ds.pretrain", check_data_files, run)
 
 
-def launch(argv, config_cls, prog: str, check_inputs, run_fn) -> int:
-    """The process around a run, shared by pretrain, sft and dpo: parse, check what can be checked
-    before any process group exists (``check_inputs(cfg)``; the output directories, --load and its
-    tokenizer), initialize, ``run_fn(cfg, state, tokenizer)``;
-    a user error is one line on stderr (rank 0) and exit code 2."""
+def launch(argv, config_cls, prog: str, check_inputs, run_fn, description: str = PRETRAIN_DESCRIPTION) -> int:
+    """The process around a run, shared by pretrain, sft and dpo: parse (``description`` heads --help),
+    check what can be checked before any process group exists (``check_inputs(cfg)``; the output
+    directories, --load and its tokenizer), initialize, ``run_fn(cfg, state, tokenizer)``; a user
+    error is one line on stderr (rank 0) and exit code 2."""
     def body() -> None:
-        cfg = config_from_args(argv, config_cls, prog)
+        cfg = config_from_args(argv, config_cls, prog, description)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         validate(cfg, world)
         check_outputs(cfg)  # first: an unwritable --save is found before any data is read

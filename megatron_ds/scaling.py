@@ -129,14 +129,57 @@ class Proposal:
     milestones: tuple[int, ...] = field(default_factory=tuple)
     """Steps at which the multi-step schedule drops (80% and 90% of train_iters by default)."""
     factors: tuple[float, ...] = (0.316, 0.1)
+    model: Optional[object] = None
+    """The whole architecture (a ``ModelConfig``: KV heads, positions, vocabulary too); None: built from the
+    shape fields above with ModelConfig's defaults for the rest."""
+    preset: Optional[str] = None
+    """The --model preset ``model`` is (with ``model``'s differences from it, if any), or None."""
+    milestone_fractions: tuple[float, ...] = (0.8, 0.9)
+    """``milestones`` as fractions of training, the form --lr-decay-milestones takes."""
+
+    def model_config(self):
+        """The proposed architecture as a ModelConfig."""
+        if self.model is not None:
+            return self.model
+        from megatron_ds.config import ModelConfig
+
+        return ModelConfig(num_layers=self.num_layers, hidden_size=self.hidden_size,
+                           ffn_hidden_size=self.ffn_hidden_size, num_attention_heads=self.num_attention_heads,
+                           num_query_groups=self.num_attention_heads, max_position_embeddings=self.seq_length)
+
+    def model_flags(self) -> list[str]:
+        """Flags that build exactly ``model_config()`` whatever --model defaults to: ``--model PRESET`` plus
+        what differs from it, or every field a preset sets (and any other that is not ModelConfig's default)."""
+        import dataclasses
+
+        from megatron_ds.config import PRESETS, ModelConfig, model_preset
+
+        m = self.model_config()
+        if self.preset is not None:
+            out, base = ["--model", self.preset], model_preset(self.preset)
+            always = ()
+        else:
+            out, base = [], ModelConfig()
+            always = tuple(PRESETS["tiny"])  # the fields the default --model (tiny) would set
+        for f in dataclasses.fields(ModelConfig):
+            v = getattr(m, f.name)
+            if f.name == "num_query_groups" and v is None:
+                v = m.num_attention_heads  # None means multi-head, which a preset's value would override
+            if v is not None and (f.name in always or v != getattr(base, f.name)):
+                out += ["--" + f.name.replace("_", "-"), repr(v) if isinstance(v, float) else str(v)]
+        return out
 
     def flags(self) -> list[str]:
-        """The megatron_ds.pretrain flags for this proposal."""
-        return ["--num-layers", str(self.num_layers), "--hidden-size", str(self.hidden_size),
-                "--ffn-hidden-size", str(self.ffn_hidden_size), "--num-attention-heads", str(self.num_attention_heads),
-                "--seq-length", str(self.seq_length), "--global-batch-size", str(self.global_batch_size),
-                "--train-iters", str(self.train_iters), "--lr", f"{self.lr:.3g}",
-                "--lr-warmup-iters", str(self.lr_warmup_iters), "--lr-decay-style", "multistep"]
+        """The megatron_ds.pretrain flags for this proposal: the whole architecture, batch, LR and schedule.
+        --micro-batch-size 1, the one size that divides any Eq. 1 batch; a larger one, or DP > 1, needs a
+        --global-batch-size that is a multiple of micro-batch x DP (round it)."""
+        return self.model_flags() + [
+            "--seq-length", str(self.seq_length), "--micro-batch-size", "1",
+            "--global-batch-size", str(self.global_batch_size),
+            "--train-iters", str(self.train_iters), "--lr", f"{self.lr:.3g}",
+            "--lr-warmup-iters", str(self.lr_warmup_iters), "--lr-decay-style", "multistep",
+            "--lr-decay-milestones", ",".join(f"{x:g}" for x in self.milestone_fractions),
+            "--lr-decay-factors", ",".join(f"{x:g}" for x in self.factors)]
 
 
 def ffn_size(d_model: int, multiple: int = 256) -> int:
@@ -174,12 +217,20 @@ def shape_for_model_scale(target_m: float, l_seq: int = 4096, aspect: float = 10
 def propose(compute_budget: Optional[float] = None, *, model_config=None, tokens: Optional[float] = None,
             seq_length: int = 4096, coefficients: ScalingCoefficients = PAPER, warmup_iters: int = 2000,
             milestones: Sequence[float] = (0.8, 0.9), factors: Sequence[float] = (0.316, 0.1),
-            aspect: float = 100.0) -> Proposal:
-    """Eq. 4 then Eq. 1 for a budget; or, given a model (ModelConfig) and tokens, Eq. 1 for C = M*D."""
+            aspect: float = 100.0, preset: Optional[str] = None) -> Proposal:
+    """Eq. 4 then Eq. 1 for a budget; or, given a model (ModelConfig, the --model ``preset`` when it is
+    one) and tokens, Eq. 1 for C = M*D."""
+    import dataclasses
+
+    from megatron_ds.config import ModelConfig
+
     k = coefficients
     if model_config is not None:
         if tokens is None:
             raise ValueError("a model needs a token count (--tokens) to make a compute budget")
+        # The run needs rotary tables of seq_length positions: the one change a longer sequence makes.
+        model_config = dataclasses.replace(
+            model_config, max_position_embeddings=max(model_config.max_position_embeddings, seq_length))
         m = model_scale_of(model_config, seq_length)
         c = compute(m, tokens)
         n, d, ffn = model_config.num_layers, model_config.hidden_size, model_config.ffn_hidden_size
@@ -191,10 +242,10 @@ def propose(compute_budget: Optional[float] = None, *, model_config=None, tokens
         n, d = shape_for_model_scale(optimal_model_scale(c, k), seq_length, aspect)
         ffn = ffn_size(d)
         heads = d // head_dim_for(d)
-        from megatron_ds.config import ModelConfig
-
-        m = model_scale_of(ModelConfig(num_layers=n, hidden_size=d, ffn_hidden_size=ffn, num_attention_heads=heads,
-                                       max_position_embeddings=seq_length), seq_length)
+        preset = None  # a shape of its own
+        model_config = ModelConfig(num_layers=n, hidden_size=d, ffn_hidden_size=ffn, num_attention_heads=heads,
+                                   num_query_groups=heads, max_position_embeddings=seq_length)
+        m = model_scale_of(model_config, seq_length)
         tokens = c / m  # spend the whole budget on this shape
     batch_tokens = optimal_batch_tokens(c, k)
     gbs = max(1, round(batch_tokens / seq_length))
@@ -203,7 +254,8 @@ def propose(compute_budget: Optional[float] = None, *, model_config=None, tokens
     return Proposal(compute=c, model_scale=m, tokens=tokens, num_layers=n, hidden_size=d, ffn_hidden_size=ffn,
                     num_attention_heads=heads, seq_length=seq_length, lr=optimal_lr(c, k), batch_tokens=batch_tokens,
                     global_batch_size=gbs, train_iters=iters, lr_warmup_iters=warmup,
-                    milestones=tuple(int(round(f * iters)) for f in milestones), factors=tuple(factors))
+                    milestones=tuple(int(round(f * iters)) for f in milestones), factors=tuple(factors),
+                    model=model_config, preset=preset, milestone_fractions=tuple(milestones))
 
 
 # ---------------------------------------------------------------------------------------------

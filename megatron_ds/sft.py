@@ -30,6 +30,10 @@ from megatron_ds.data.sft_dataset import ConversationCorpus, SFTDataset
 from megatron_ds.training.trainer import Trainer
 
 
+DESCRIPTION = ("Supervised fine-tuning of a DeepSeek LLM model on conversations binarized by tools/preprocess_sft.py "
+               "(loss on assistant tokens only), with pre-training's layouts, checkpoints and flags plus the sft section.")
+
+
 @dataclass
 class SFTConfig:
     """Supervised fine-tuning on conversations (megatron_ds.sft)."""
@@ -115,6 +119,11 @@ class SFTTrainer(Trainer):
     def log_scalars(self, scalars: dict[str, float]) -> dict[str, float]:
         return {**scalars, "epoch": self.result.consumed_train_samples / self.train_ds.num_packed}
 
+    def data_source(self, dataset) -> str:
+        if dataset is self.valid_ds and dataset is not None:
+            return f"--valid-data-path {' '.join(self.cfg.sft.valid_data_path or [])}"
+        return super().data_source(dataset)
+
 
 def run(cfg: SFTRunConfig, state, tokenizer=None, log: bool | None = None):
     """One SFT run, callable in-process (tests): pack, fix the iterations, then pretrain.run."""
@@ -140,7 +149,7 @@ def run(cfg: SFTRunConfig, state, tokenizer=None, log: bool | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    return pretrain.launch(argv, SFTRunConfig, "megatron_ds.sft", check_inputs, run)
+    return pretrain.launch(argv, SFTRunConfig, "megatron_ds.sft", check_inputs, run, DESCRIPTION)
 
 
 def cli() -> None:

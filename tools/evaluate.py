@@ -149,7 +149,7 @@ def run(args, config, seq: int, tok_path: str) -> list[dict]:
     from megatron_ds.data.tokenizer import build_tokenizer
     from megatron_ds.inference.loading import load_inference_model
     from megatron_ds.parallel.topology import build_parallel_state, initialize_distributed
-    from megatron_ds.training.evaluation import evaluate, global_batches
+    from megatron_ds.training.evaluation import VocabCheck, evaluate, global_batches
 
     tokenizer = build_tokenizer(tok_path)
     if tokenizer.vocab_size > config.vocab_size:
@@ -171,7 +171,14 @@ def run(args, config, seq: int, tok_path: str) -> list[dict]:
         if num_batches < 1:
             raise DataError(f"--data-path {prefix}: {len(dataset)} samples of --seq-length {seq}, fewer than one "
                             f"global batch of {per_batch}; lower --micro-batch-size or --seq-length")
-        res = evaluate([model], state, global_batches(dataset, state, args.micro_batch_size, 1, num_batches),
+        # Data binarized with another, larger tokenizer than the model's: one error, not an IndexError (TP 1)
+        # or a loss over masked ids (TP > 1).
+        check = VocabCheck(config.vocab_size, f"--data-path {prefix}",
+                           fix=f"binarize it with the model's tokenizer (--tokenizer-model {tok_path}, "
+                               f"{tokenizer.vocab_size} tokens) and evaluate that",
+                           vocabulary="the checkpoint's vocabulary of {vocab_size}")
+        res = evaluate([model], state, global_batches(dataset, state, args.micro_batch_size, 1, num_batches,
+                                                      vocab_check=check),
                        token_bytes=token_bytes)
         results.append({"data_path": prefix, "loss": res.loss, "perplexity": res.perplexity,
                         "bits_per_byte": res.bits_per_byte, "tokens": res.tokens, "bytes": res.num_bytes,

@@ -7,8 +7,9 @@
 The checkpoint may come from any layout; the architecture is read from its metadata (``--model``
 and pretrain's architecture flags, e.g. ``--num-layers``, serve only a checkpoint that records
 none). ``--temperature 0`` (the default) is greedy. Each prompt is generated on its own (prompts
-of different lengths need no padding); rank 0 prints each continuation, then a throughput line on
-stderr. Bad input is one line ``error: ...`` on stderr and exit code 2.
+of different lengths need no padding). Rank 0 prints the continuation of a single prompt alone; with
+several, each as a line ``===== i/n =====`` followed by the prompt and its continuation; then a
+throughput line on stderr. Bad input is one line ``error: ...`` on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ from megatron_ds.config import ConfigError, ModelConfig, config_from_args  # noq
 from megatron_ds.data.errors import DataError  # noqa: E402
 from megatron_ds.inference import SamplingParams  # noqa: E402
 from megatron_ds.parallel.topology import TopologyError  # noqa: E402
+
+SEPARATOR = "====="
+"""With several prompts, each output is a line ``===== i/n =====`` then the prompt and its continuation."""
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tools/generate.py", description=__doc__.splitlines()[0])
@@ -151,7 +156,10 @@ def run(args, tok_path: str) -> None:
         if out and not args.ignore_eos and out[-1] == tokenizer.eod:
             out = out[:-1]  # the EOS ended it; it is not text
         if rank0:
-            print(tokenizer.decode(out), flush=True)
+            if len(prompts) == 1:  # the continuation alone, ready to pipe
+                print(tokenizer.decode(out), flush=True)
+            else:  # a header line per prompt, then the prompt and its continuation
+                print(f"{SEPARATOR} {i + 1}/{len(prompts)} {SEPARATOR}\n{text}{tokenizer.decode(out)}", flush=True)
     if rank0:
         dt = time.perf_counter() - start
         print(f"generated {total} tokens in {dt:.2f}s ({total / max(dt, 1e-9):.1f} tokens/s, "

@@ -70,7 +70,8 @@ def main(argv=None):
         check_output_prefix(args.output_prefix, "--output-prefix")
         num_seqs, num_docs = merge(prefixes, args.output_prefix)
     except (DataError, ConfigError) as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"{args.output_prefix}.{{bin,idx}}: {len(prefixes)} datasets, {num_docs} documents, "
           f"{num_seqs} sequences")
     return 0

@@ -10,7 +10,8 @@ sorted), into one output. Progress (documents/s, MB/s, ETA) goes to stderr; the 
 
 A bad line (not UTF-8, invalid JSON, a missing --json-keys field) stops the run with its
 file:line, leaving no output; with --skip-bad-lines it is skipped, reported (the first ones on
-stderr, all of them in {prefix}_bad_lines.txt) and counted in the summary.
+stderr, all of them in {prefix}_bad_lines.txt) and counted in the summary. Bad input is one
+``error: ...`` line on stderr and exit code 2.
 """
 
 import argparse
@@ -55,18 +56,23 @@ def parse_args(argv):
     p.add_argument("--block-bytes", type=int, default=BLOCK_BYTES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.workers < 1:
-        p.error(f"--workers {args.workers}: must be >= 1")
+        raise InputError(f"--workers {args.workers}: must be >= 1")
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(argv=None) -> int:
+    """Exit code 0, or 2 after one ``error: ...`` line on stderr (bad input; no output left behind)."""
     try:
-        files = expand_inputs(args.input)
-        tokenizer = build_tokenizer(args.tokenizer_model)
-        check_output_prefix(args.output_prefix, "--output-prefix")
-    except (FileNotFoundError, DataError, ConfigError) as e:
-        sys.exit(f"error: {e}")
+        return binarize(parse_args(argv))
+    except (InputError, DataError, ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def binarize(args) -> int:
+    files = expand_inputs(args.input)
+    tokenizer = build_tokenizer(args.tokenizer_model)
+    check_output_prefix(args.output_prefix, "--output-prefix")
 
     out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
     os.makedirs(out_dir, exist_ok=True)
@@ -75,6 +81,7 @@ def main(argv=None):
     builders = {k: IndexedDatasetBuilder(prefixes[k] + ".bin", dtype) for k in args.json_keys}
     counts = collections.Counter()
     bad_path = f"{args.output_prefix}_bad_lines.txt"
+    bad_tmp = bad_path + ".tmp"  # published with the outputs, so a failed run leaves no list either
     bad_file = None
     progress = Progress(sum(os.path.getsize(f) for f in files), args.progress_interval)
     encoder_args = (tokenizer.path, args.json_keys, args.append_eod, dtype, args.skip_bad_lines)
@@ -90,24 +97,25 @@ def main(argv=None):
                 if counts["bad"] < BAD_LINES_SHOWN:
                     print(f"warning: skipped {line}", file=sys.stderr)
                 if bad_file is None:
-                    bad_file = open(bad_path, "w", encoding="utf-8")
+                    bad_file = open(bad_tmp, "w", encoding="utf-8")
                 bad_file.write(line + "\n")
                 counts["bad"] += 1
             progress.update(len(block.lengths[first_key]), block.num_bytes, disk_done)
         progress.close()
         for key, builder in builders.items():
             builder.finalize(prefixes[key] + ".idx")
-    except (InputError, DataError) as e:
-        for builder in builders.values():
-            builder.abort()
-        sys.exit(f"error: {e}")
     except BaseException:
         for builder in builders.values():
             builder.abort()
-        raise
-    finally:
         if bad_file is not None:
             bad_file.close()
+            os.remove(bad_tmp)
+        raise
+    if bad_file is not None:
+        bad_file.close()
+        os.replace(bad_tmp, bad_path)
+    elif os.path.exists(bad_path):
+        os.remove(bad_path)  # a previous run's list would describe other outputs
 
     seconds = max(time.monotonic() - progress.start, 1e-9)
     bad = (f", {counts['bad']} bad lines skipped (listed in {bad_path})" if counts["bad"]
@@ -118,7 +126,6 @@ def main(argv=None):
           f"{counts['empty']} empty documents skipped{bad}, {seconds:.1f}s, "
           f"{progress.bytes / seconds / 1e6:.1f} MB/s, {counts['tokens'] / seconds:,.0f} tokens/s")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -60,7 +60,7 @@ def cmd_propose(args) -> None:
         except ConfigError as e:
             raise UsageError(str(e)) from None
         p = scaling.propose(model_config=cfg, tokens=args.tokens, seq_length=args.seq_length, coefficients=k,
-                            warmup_iters=args.warmup_iters, milestones=milestones, factors=factors)
+                            warmup_iters=args.warmup_iters, milestones=milestones, factors=factors, preset=args.model)
     elif args.compute is not None:
         p = scaling.propose(args.compute, seq_length=args.seq_length, coefficients=k, warmup_iters=args.warmup_iters,
                             milestones=milestones, factors=factors, aspect=args.aspect)
@@ -76,6 +76,8 @@ def cmd_propose(args) -> None:
     steps = ", ".join(f"x{f} from step {m}" for m, f in zip(p.milestones, p.factors))
     print(f"schedule           {p.train_iters} steps, warmup {p.lr_warmup_iters}, multi-step: {steps}")
     print("flags              " + " ".join(p.flags()))
+    print("                   (--global-batch-size must be a multiple of --micro-batch-size x data-parallel "
+          "size: round it for your layout)")
 
 
 def _read_csv(path: str):

@@ -4,7 +4,8 @@
 
 Special tokens take ids 0, 1, 2: <｜begin▁of▁sentence｜>, <｜end▁of▁sentence｜>,
 <｜pad▁of▁sentence｜>. (DeepSeek's released tokenizer puts them after the BPE vocabulary, at
-100000+; only the ids differ, the wrapper finds them by name.)
+100000+; only the ids differ, the wrapper finds them by name.) Bad input is one ``error: ...`` line
+on stderr and exit code 2.
 """
 
 import argparse
@@ -103,31 +104,35 @@ def parse_args(argv):
                    help="for the padded-vocabulary report: the TP size you will train with")
     args = p.parse_args(argv)
     if args.vocab_size < 256 + len(SPECIAL_TOKENS):
-        p.error(f"--vocab-size {args.vocab_size}: must be at least "
-                f"{256 + len(SPECIAL_TOKENS)} (256 bytes + special tokens)")
+        raise ValueError(f"--vocab-size {args.vocab_size}: must be at least "
+                         f"{256 + len(SPECIAL_TOKENS)} (256 bytes + special tokens)")
     return args
 
 
-def main(argv=None):
+def main(argv=None) -> int:
+    """Exit code 0, or 2 after one ``error: ...`` line on stderr (bad input; no tokenizer.json written)."""
+    try:
+        return train(parse_args(argv))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def train(args) -> int:
     from tokenizers import pre_tokenizers, trainers
 
-    args = parse_args(argv)
-    try:
-        files = expand_inputs(args.input)
-        path = output_file(args.output)
-    except (FileNotFoundError, ConfigError) as e:
-        sys.exit(f"error: {e}")
+    files = expand_inputs(args.input)
+    path = output_file(args.output)  # checked before training, not after it
     tok = new_tokenizer()
     trainer = trainers.BpeTrainer(
         vocab_size=args.vocab_size, min_frequency=args.min_frequency,
         special_tokens=SPECIAL_TOKENS, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # every byte encodable: no <unk>
-    try:
-        tok.train_from_iterator(iter_texts(files, args.json_keys), trainer=trainer)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    tok.train_from_iterator(iter_texts(files, args.json_keys), trainer=trainer)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tok.save(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    tok.save(tmp)
+    os.replace(tmp, path)  # a reader never sees a half-written tokenizer.json
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     tp = args.tensor_model_parallel_size
     padded = pad_vocab_size(vocab_size, tp, args.make_vocab_size_divisible_by)
@@ -135,7 +140,6 @@ def main(argv=None):
     print(f"wrote {path}: vocab size {vocab_size}, padded model vocab (TP={tp}) {padded} "
           f"(--vocab-size {vocab_size} for the trainer); special tokens {ids}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

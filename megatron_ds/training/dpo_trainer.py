@@ -29,7 +29,7 @@ from megatron_ds.data.dpo_dataset import DPODataset, collate_pairs
 from megatron_ds.parallel.topology import ParallelState
 from megatron_ds.training.dpo_loss import METRICS, DPOLoss, ReferenceLogps
 from megatron_ds.training.logger import RunLogger
-from megatron_ds.training.evaluation import EvalResult, global_batches, reduce_from_last_stage
+from megatron_ds.training.evaluation import EvalResult, VocabCheck, global_batches, reduce_from_last_stage
 from megatron_ds.training.evaluation import to_device as _to_device
 from megatron_ds.training.schedules import forward_backward
 from megatron_ds.training.trainer import Trainer
@@ -77,10 +77,19 @@ class DPOTrainer(Trainer):
 
     # -- data -------------------------------------------------------------------------------
 
+    def data_source(self, dataset) -> str:
+        d = self.cfg.dpo
+        return f"--dpo-valid-data {d.dpo_valid_data}" if dataset is self.valid_ds else f"--dpo-data {d.dpo_data}"
+
+    def vocab_check(self, dataset) -> VocabCheck:
+        return VocabCheck(self.cfg.model.vocab_size, self.data_source(dataset),
+                          fix=f"--tokenizer-model {self.cfg.data.tokenizer_model} gives ids past it; pass a "
+                              f"tokenizer that fits the model or --vocab-size {{needed}} or more")
+
     def _batches(self, dataset, consumed: int, count: int):
         """Like Trainer._batches, a sample being one pair: micro-batches of 2 x --micro-batch-size rows."""
         return global_batches(dataset, self.state, self.cfg.training.micro_batch_size, self.num_microbatches,
-                              count, consumed, collate_fn=collate_pairs)
+                              count, consumed, collate_fn=collate_pairs, vocab_check=self.vocab_check(dataset))
 
     # -- the reference model ----------------------------------------------------------------
 
@@ -113,6 +122,7 @@ class DPOTrainer(Trainer):
                 continue
             pairs = ds.pairs
             n = len(pairs)
+            check = self.vocab_check(ds)
             table = torch.zeros(n, 2, dtype=torch.float32, device=s.device)
             block = mbs * s.dp_size
             ids = list(range(0, n))
@@ -120,7 +130,11 @@ class DPOTrainer(Trainer):
             mine = [ids[k + s.dp_rank * mbs: k + (s.dp_rank + 1) * mbs] for k in range(0, len(ids), block)]
             for start in range(0, len(mine), self.num_microbatches):
                 group = mine[start:start + self.num_microbatches]
-                micro_batches = [_to_device(collate_pairs([pairs.item(max(i, 0)) for i in g]), s.device) for g in group]
+                micro_batches = []
+                for g in group:
+                    batch = collate_pairs([pairs.item(max(i, 0)) for i in g])
+                    check(batch, s)
+                    micro_batches.append(_to_device(batch, s.device))
                 self.reference_logps(micro_batches)
                 if "ref_logps" not in micro_batches[0]:
                     continue  # not the last stage

@@ -18,6 +18,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_ds.data.errors import DataError
 from megatron_ds.data.sampler import MegatronPretrainingSampler, collate
 from megatron_ds.parallel.topology import ParallelState, group_size
 from megatron_ds.training.schedules import TOKEN_MEAN, LossFunc, forward_backward
@@ -49,17 +50,62 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+@dataclass(frozen=True)
+class VocabCheck:
+    """Token ids of a CPU batch against the model's vocabulary, before the batch reaches the model.
+
+    An id past the vocabulary (data binarized with a larger tokenizer) raises IndexError in the
+    embedding at TP 1, and at TP > 1 the vocab-parallel embedding masks it to a zero row and trains
+    on garbage without a word; here it is one DataError. A max over the batch in numpy: no device
+    work, no sync.
+    """
+
+    vocab_size: int
+    """The model's vocabulary (before padding): ids must be in [0, vocab_size)."""
+    source: str
+    """Where the ids came from, as the user named it: '--data-path data/web_text_document'."""
+    fix: str = ("use data binarized with a tokenizer that fits the model (--tokenizer-model), or pass "
+                "--vocab-size {needed} or more")
+    """What to do; ``{needed}`` is the smallest vocabulary that holds the offending id."""
+    vocabulary: str = "the model's vocabulary of {vocab_size} (--vocab-size)"
+    """How the message names the vocabulary (tools/evaluate.py: the checkpoint's, which no flag sets)."""
+
+    def __call__(self, batch: dict, state: Optional[ParallelState] = None) -> None:
+        for key in ("tokens", "labels"):
+            x = batch.get(key)
+            if x is None or x.numel() == 0:
+                continue
+            hi = int(x.numpy().max())
+            if hi >= self.vocab_size:
+                err = DataError(f"{self.source}: token id {hi} is outside "
+                                f"{self.vocabulary.format(vocab_size=self.vocab_size)}; {self.fix.format(needed=hi + 1)}")
+                # Every rank of a model replica reads the same samples and raises together; with DP > 1
+                # another replica may not, so rank 0 may never see it: the replica's first rank says it.
+                err.report_on_this_rank = (state is not None and state.dp_size > 1
+                                           and state.tp_rank == 0 and state.pp_rank == 0)
+                raise err
+
+
 def global_batches(dataset, state: ParallelState, micro_batch_size: int, num_microbatches: int, count: int,
-                   consumed: int = 0, collate_fn=collate) -> Iterator[list[dict]]:
+                   consumed: int = 0, collate_fn=collate,
+                   vocab_check: Optional[VocabCheck] = None) -> Iterator[list[dict]]:
     """``count`` global batches from sample ``consumed`` on: each a list of this DP rank's
     ``num_microbatches`` micro-batches, ``collate_fn`` of their samples (Megatron's sampler order; DPO
-    collates a pair into two rows), on the rank's device."""
+    collates a pair into two rows), on the rank's device. ``vocab_check`` sees each micro-batch on
+    the CPU first (a DataError for a token id past the model's vocabulary)."""
     sampler = MegatronPretrainingSampler(total_samples=len(dataset), consumed_samples=consumed,
                                          micro_batch_size=micro_batch_size, data_parallel_rank=state.dp_rank,
                                          data_parallel_size=state.dp_size)
     it = iter(sampler)
+
+    def micro_batch() -> dict:
+        batch = collate_fn([dataset[i] for i in next(it)])
+        if vocab_check is not None:
+            vocab_check(batch, state)
+        return to_device(batch, state.device)
+
     for _ in range(count):
-        yield [to_device(collate_fn([dataset[i] for i in next(it)]), state.device) for _ in range(num_microbatches)]
+        yield [micro_batch() for _ in range(num_microbatches)]
 
 
 def global_count(micro_batches: list[dict], state: ParallelState, loss_func: LossFunc = TOKEN_MEAN) -> float:

@@ -36,7 +36,9 @@ from megatron_ds.optim.distributed_optimizer import build_optimizer
 from megatron_ds.optim.lr_schedule import LRSchedule
 from megatron_ds.parallel.layers import allreduce_tp_replicated_grads
 from megatron_ds.parallel.topology import ParallelState
-from megatron_ds.training.evaluation import EvalResult, evaluate, global_batches, global_count, reduce_loss
+from megatron_ds.training.evaluation import (
+    EvalResult, VocabCheck, evaluate, global_batches, global_count, reduce_loss,
+)
 from megatron_ds.training.logger import RunLogger
 from megatron_ds.training.schedules import TOKEN_MEAN, LossFunc, forward_backward
 
@@ -105,10 +107,22 @@ class Trainer:
 
     # -- data -------------------------------------------------------------------------------
 
+    def data_source(self, dataset) -> str:
+        """The flag (and files) ``dataset`` came from, as the user wrote them: for error messages."""
+        d = self.cfg.data
+        if d.mock_data:
+            return "--mock-data"
+        paths = d.data_path if isinstance(d.data_path, str) else " ".join(d.data_path or [])
+        return f"--data-path {paths}".rstrip()
+
+    def vocab_check(self, dataset) -> VocabCheck:
+        """The check of ``dataset``'s token ids against the model's vocabulary, run on each CPU micro-batch."""
+        return VocabCheck(self.cfg.model.vocab_size, self.data_source(dataset))
+
     def _batches(self, dataset, consumed: int, count: int):
         """Yield lists of ``num_microbatches`` collated micro-batches, ``count`` global batches."""
         return global_batches(dataset, self.state, self.cfg.training.micro_batch_size, self.num_microbatches,
-                              count, consumed)
+                              count, consumed, vocab_check=self.vocab_check(dataset))
 
     def _global_tokens(self, micro_batches: list[dict]) -> float:
         return global_count(micro_batches, self.state, self.loss_func)

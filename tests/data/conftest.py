@@ -27,6 +27,6 @@ def tokenizer_json(tmp_path_factory, corpus_jsonl):
     from tools import train_tokenizer
 
     out = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    train_tokenizer.main(["--input", str(corpus_jsonl), "--vocab-size", "512",
-                          "--output", str(out)])
+    assert train_tokenizer.main(["--input", str(corpus_jsonl), "--vocab-size", "512",
+                                 "--output", str(out)]) == 0
     return out

@@ -56,32 +56,33 @@ def test_skip_bad_lines_reports_counts_and_lists_every_one(tmp_path, tokenizer_j
     assert [d.tolist() for d in ds] == [tok.encode(GOOD[i]["text"]) for i in (0, 1, 2, 3)]
 
 
-def fatal(tmp_path, tokenizer_json, lines):
+def fatal(tmp_path, tokenizer_json, lines, capsys):
     src = write_lines(tmp_path / "in.jsonl", lines)
-    with pytest.raises(SystemExit) as e:
-        run(tmp_path, tokenizer_json, src=src)
-    msg = str(e.value.code)
-    assert msg.startswith("error: ") and "\n" not in msg
+    assert run(tmp_path, tokenizer_json, src=src) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    msg = err[0]
+    assert msg.startswith("error: ")
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]  # nothing half-written is left
     return msg, src
 
 
-def test_non_utf8_line_is_fatal_by_default(tmp_path, tokenizer_json):
-    msg, src = fatal(tmp_path, tokenizer_json, [GOOD[0], b'{"text": "\xff\xfe"}'])
+def test_non_utf8_line_is_fatal_by_default(tmp_path, tokenizer_json, capsys):
+    msg, src = fatal(tmp_path, tokenizer_json, [GOOD[0], b'{"text": "\xff\xfe"}'], capsys)
     assert f"{src}:2: not UTF-8" in msg and "--skip-bad-lines" in msg
 
 
-def test_malformed_json_is_fatal_by_default(tmp_path, tokenizer_json):
-    msg, src = fatal(tmp_path, tokenizer_json, [GOOD[0], GOOD[1], "{oops"])
+def test_malformed_json_is_fatal_by_default(tmp_path, tokenizer_json, capsys):
+    msg, src = fatal(tmp_path, tokenizer_json, [GOOD[0], GOOD[1], "{oops"], capsys)
     assert f"{src}:3: invalid JSON" in msg and "--skip-bad-lines" in msg
 
 
-def test_missing_key_is_fatal_by_default(tmp_path, tokenizer_json):
-    msg, src = fatal(tmp_path, tokenizer_json, [{"text": 5}])
+def test_missing_key_is_fatal_by_default(tmp_path, tokenizer_json, capsys):
+    msg, src = fatal(tmp_path, tokenizer_json, [{"text": 5}], capsys)
     assert f"{src}:1: no string field 'text'" in msg
 
 
-def test_truncated_gzip_is_an_error(tmp_path, tokenizer_json):
+def test_truncated_gzip_is_an_error(tmp_path, tokenizer_json, capsys):
     import gzip
 
     with gzip.open(tmp_path / "in.jsonl.gz", "wt") as f:
@@ -89,9 +90,8 @@ def test_truncated_gzip_is_an_error(tmp_path, tokenizer_json):
             f.write(json.dumps({"text": f"line {i} " * 20}) + "\n")
     raw = (tmp_path / "in.jsonl.gz").read_bytes()
     (tmp_path / "in.jsonl.gz").write_bytes(raw[: len(raw) // 2])
-    with pytest.raises(SystemExit) as e:
-        run(tmp_path, tokenizer_json, src=tmp_path / "in.jsonl.gz")
-    assert "in.jsonl.gz: unreadable after line" in str(e.value.code)
+    assert run(tmp_path, tokenizer_json, src=tmp_path / "in.jsonl.gz") == 2
+    assert "in.jsonl.gz: unreadable after line" in capsys.readouterr().err
 
 
 def test_progress_line_on_stderr(tmp_path, tokenizer_json, capsys):
@@ -160,7 +160,7 @@ def test_tokenizer_larger_than_the_model_vocabulary(tokenizer_json):
 
 
 @pytest.mark.parametrize("tool", ["train_tokenizer", "preprocess_data", "merge_datasets"])
-def test_unwritable_output_is_one_line_before_any_work(tool, tmp_path, corpus_jsonl, tokenizer_json):
+def test_unwritable_output_is_one_line_before_any_work(tool, tmp_path, corpus_jsonl, tokenizer_json, capsys):
     """An output under a regular file (or in /proc) is found before tokenizing or training, not after."""
     from tools import merge_datasets, train_tokenizer
 
@@ -174,12 +174,25 @@ def test_unwritable_output_is_one_line_before_any_work(tool, tmp_path, corpus_js
         "merge_datasets": (["--input", write_idx(tmp_path), "--output-prefix", bad], merge_datasets.main),
     }[tool]
     before = sorted(os.listdir(tmp_path))
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    msg = str(e.value.code)
+    assert main(argv) == 2
+    msg = capsys.readouterr().err.strip()
     flag = "--output" if tool == "train_tokenizer" else "--output-prefix"
     assert msg.startswith(f"error: {flag} {bad}") and "is not a directory" in msg and "\n" not in msg, msg
     assert sorted(os.listdir(tmp_path)) == before and (tmp_path / "file").read_text() == "x"
-    with pytest.raises(SystemExit) as e:
-        main(argv[:-1] + ["/proc/megatron-ds-x/out"])
-    assert "cannot be created in /proc" in str(e.value.code)
+    assert main(argv[:-1] + ["/proc/megatron-ds-x/out"]) == 2
+    assert "cannot be created in /proc" in capsys.readouterr().err
+
+
+def test_a_fatal_error_after_skipped_lines_leaves_no_list_either(tmp_path, tokenizer_json, capsys):
+    """--skip-bad-lines writes {prefix}_bad_lines.txt beside the outputs: published with them, never alone."""
+    import gzip
+
+    with gzip.open(tmp_path / "in.jsonl.gz", "wt") as f:
+        f.write("{oops\n")
+        for i in range(2000):
+            f.write(json.dumps({"text": f"line {i} " * 20}) + "\n")
+    raw = (tmp_path / "in.jsonl.gz").read_bytes()
+    (tmp_path / "in.jsonl.gz").write_bytes(raw[: len(raw) // 2])
+    assert run(tmp_path, tokenizer_json, "--skip-bad-lines", src=tmp_path / "in.jsonl.gz") == 2
+    assert "unreadable after line" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == ["in.jsonl.gz"]

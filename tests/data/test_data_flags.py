@@ -56,9 +56,9 @@ def test_build_datasets_blends_and_caches_beside_the_data(tmp_path):
 def test_merge_refuses_mixed_dtypes(tmp_path, capsys):
     a = corpus(tmp_path / "a")
     b = corpus(tmp_path / "b", dtype=np.int32)
-    with pytest.raises(SystemExit) as e:
-        merge_datasets.main(["--input", a, b, "--output-prefix", str(tmp_path / "m")])
-    assert "b: dtype int32 differs from uint16" in str(e.value.code)
+    assert merge_datasets.main(["--input", a, b, "--output-prefix", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "b: dtype int32 differs from uint16" in err[0], err
     assert not (tmp_path / "m.idx").exists() and not (tmp_path / "m.bin").exists()
     merge_datasets.main(["--input", a, a, "--output-prefix", str(tmp_path / "m")])
     assert "2 datasets, 80 documents" in capsys.readouterr().out

@@ -1,5 +1,6 @@
 import hashlib
 import json
+import os
 
 import pytest
 
@@ -85,9 +86,27 @@ def test_train_tokenizer_reports_padded_vocab_for_tp_and_special_ids(tmp_path, c
     assert "<｜end▁of▁sentence｜>=1" in out
 
 
-def test_train_tokenizer_non_utf8_names_file_and_line(tmp_path):
+def test_train_tokenizer_non_utf8_names_file_and_line(tmp_path, capsys):
     src = tmp_path / "bad.txt"
     src.write_bytes(b"fine\nalso fine\n\xff\xfe broken\n")
-    with pytest.raises(SystemExit) as e:
-        train_tokenizer.main(["--input", str(src), "--vocab-size", "300", "--output", str(tmp_path / "t")])
-    assert "not UTF-8" in str(e.value.code) and str(src) in str(e.value.code)
+    assert train_tokenizer.main(["--input", str(src), "--vocab-size", "300", "--output", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "not UTF-8" in err[0] and str(src) in err[0], err
+    assert not (tmp_path / "t").exists()  # no tokenizer.json, not even its directory
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--vocab-size", "100"], "--vocab-size 100: must be at least 259 (256 bytes + special tokens)"),
+    (["--input", "/nonexistent/x.jsonl"], "--input /nonexistent/x.jsonl: no such file"),
+], ids=["vocab-too-small", "missing-input"])
+def test_train_tokenizer_bad_input_is_one_line_exit_2(tmp_path, corpus_jsonl, capsys, argv, needle):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    args = {"--input": str(corpus_jsonl), "--vocab-size": "300", "--output": str(tmp_path / "tok.json")}
+    args.update(dict(zip(argv[::2], argv[1::2])))
+    r = subprocess.run([sys.executable, "tools/train_tokenizer.py", *[x for kv in args.items() for x in kv]],
+                       cwd=root, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
+    assert r.returncode == 2 and r.stderr.strip() == f"error: {needle}", r.stderr
+    assert not (tmp_path / "tok.json").exists()

@@ -33,7 +33,7 @@ def make_dpo_files(out: Path, pairs: int = 96, valid: int = 32) -> tuple[str, st
     from tools import train_tokenizer
 
     tok = out / "tokenizer.json"
-    train_tokenizer.main(["--input", str(text), "--vocab-size", "320", "--output", str(tok)])
+    assert train_tokenizer.main(["--input", str(text), "--vocab-size", "320", "--output", str(tok)]) == 0
     return str(train), str(valid_path), str(tok)
 
 

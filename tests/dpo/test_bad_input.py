@@ -100,3 +100,22 @@ def test_bad_flags_are_one_line(dpo_files, args, needle):
     assert proc.returncode == 2, proc.stderr
     err = proc.stderr.strip()
     assert len(err.splitlines()) == 1 and needle in err, err
+
+
+@pytest.mark.parametrize("precompute", [False, True], ids=["reference-each-step", "precomputed-reference"])
+def test_token_ids_past_the_model_vocabulary_stop_the_run(dpo_files, precompute):
+    """A tokenizer of 320 ids and a model of 256 (the command refuses that pairing up front, from the tokenizer's
+    vocab_size; this in-process run skips that check, so the batch check is what stops it): one DataError
+    before any forward, of the policy or of the reference."""
+    from megatron_ds.config import config_from_args
+    from megatron_ds.dpo import DPORunConfig, run
+    from megatron_ds.parallel.topology import single_process_state
+
+    flags = [f if f != "512" else "256" for f in MODEL_FLAGS]
+    cfg = config_from_args(flags + ["--dpo-data", dpo_files[0], "--tokenizer-model", dpo_files[2],
+                                    "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "1",
+                                    "--no-fused-kernels"] + (["--dpo-precompute-ref"] if precompute else []),
+                           DPORunConfig, "megatron_ds.dpo")
+    with pytest.raises(DataError, match=rf"^--dpo-data {dpo_files[0]}: token id \d+ is outside the model's "
+                                        rf"vocabulary of 256 .*--tokenizer-model {dpo_files[2]}"):
+        run(cfg, single_process_state(), build_tokenizer(dpo_files[2]), log=False)

@@ -108,3 +108,18 @@ def test_a_checkpoint_without_config_takes_the_architecture_flags(ckpt, tmp_path
     assert "records no model config" in _error(argv, capsys)
     assert main(argv + ["--model", "tiny"] + ARCH_FLAGS + ["--no-fused-kernels"]) == 0
     assert capsys.readouterr().out == _expected(model, tok, 6) + "\n"
+
+
+def test_several_prompts_print_each_prompt_and_continuation_under_a_header(ckpt, capsys):
+    root, tok, model = ckpt
+    second = "w7 w1"
+    assert main(["--load", root, "--tokenizer-model", tok, "--prompt", PROMPT, "--prompt", second,
+                 "--max-new-tokens", "5", "--no-fused-kernels"]) == 0
+    t = build_tokenizer(tok)
+
+    def continuation(text):
+        ids = generate(model, ParallelState(), t.encode(text), 5, eos_id=t.eod).tokens[0].tolist()
+        return t.decode(ids[:-1] if ids and ids[-1] == t.eod else ids)
+
+    assert capsys.readouterr().out == (f"===== 1/2 =====\n{PROMPT}{continuation(PROMPT)}\n"
+                                       f"===== 2/2 =====\n{second}{continuation(second)}\n")

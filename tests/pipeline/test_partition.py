@@ -36,8 +36,16 @@ def test_virtual_chunks_are_virtual_stages_c_times_p_plus_r():
 
 
 @pytest.mark.parametrize("layers,par,needle", [
-    (95, _pp(8), "--pipeline-model-parallel-size 8 leaves 95"),
-    (95, _pp(8, decoder_first_pipeline_num_layers=10), "--decoder-first-pipeline-num-layers 10"),
+    (95, _pp(8), "--pipeline-model-parallel-size 8 does not divide --num-layers 95 into equal stages"),
+    (4, _pp(3), "--pipeline-layer-split (e.g. 1,1,2)"),  # said "leaves 4 of --num-layers 4 for 3 other stage(s)"
+    (3, _pp(8), "--pipeline-model-parallel-size 8 exceeds --num-layers 3"),
+    (95, _pp(8, decoder_first_pipeline_num_layers=10),
+     "with --decoder-first-pipeline-num-layers 10, the other 7 stage(s) get 85 of --num-layers 95, which does not "
+     "split evenly; pick counts that leave a multiple of 7"),
+    (4, _pp(2, decoder_first_pipeline_num_layers=5), "--decoder-first-pipeline-num-layers 5: more layers than"),
+    (4, _pp(2, decoder_first_pipeline_num_layers=1, decoder_last_pipeline_num_layers=2),
+     "3 layers on 2 stage(s), not --num-layers 4"),
+    (4, _pp(3, decoder_first_pipeline_num_layers=0), "--decoder-first-pipeline-num-layers: every pipeline stage"),
     (7, _pp(3, pipeline_layer_split="3,2,1"), "--pipeline-layer-split 3,2,1 adds up to 6 layers, not --num-layers 7"),
     (7, _pp(3, pipeline_layer_split="3,4"), "has 2 stages"),
     (7, _pp(3, pipeline_layer_split="3,x,2"), "--pipeline-layer-split"),

@@ -169,10 +169,12 @@ def test_67b_proposal_on_the_meta_device(proposals, gpus):
     meta device (VirtualGroup TP shards) has the planned layers per stage and all 67,425,001,472 parameters."""
     p = proposals[gpus]
     lay = p.layout
-    argv = ["--model", "deepseek-67b", *lay.flags(95), "--global-batch-size", "4608", "--seq-length", "4096",
-            "--bf16", "--use-distributed-optimizer"]
+    argv = ["--model", "deepseek-67b", *lay.flags(95), "--global-batch-size", "4608", "--seq-length", "4096"]
     cfg = config_from_args(argv)
     validate(cfg, gpus)
+    # the flags carry what the memory and step-time estimates assume
+    t = cfg.training
+    assert t.bf16 and t.use_distributed_optimizer and t.overlap_param_gather
     assert stage_layer_counts(95, cfg.parallel) == list(lay.stage_layers)
 
     stages = stage_parameter_counts(cfg.model, lay.tp, cfg.parallel)

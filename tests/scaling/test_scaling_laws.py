@@ -104,3 +104,58 @@ def test_auto_hparams_for_7b_keeps_the_token_budget():
     assert hp["lr"] == pytest.approx(4.24e-4, rel=2e-3)
     assert hp["global_batch_size"] % 8 == 0 and hp["global_batch_size"] * 4096 == pytest.approx(9.24e6, rel=0.01)
     assert hp["train_iters"] * hp["global_batch_size"] == pytest.approx(211_935 * 2304, rel=1e-3)
+
+
+@pytest.mark.parametrize("case", ["budget", "7b", "67b", "7b-seq-8192", "custom"])
+def test_printed_flags_build_exactly_the_proposed_model(case, capsys):
+    """Pasted into pretrain (whose --model defaults to tiny), the flags tools/scaling_laws.py prints give the
+    proposed architecture field for field (KV heads, positions, vocabulary included) and pass validate."""
+    import dataclasses
+
+    from megatron_ds.config import ModelConfig, config_from_args, validate
+    from tools import scaling_laws
+
+    if case == "custom":  # a model that is no preset: every field a preset sets, and any non-default one
+        model = dataclasses.replace(model_preset("deepseek-7b"), num_query_groups=8, norm_epsilon=1e-5, vocab_size=32000)
+        p = scaling.propose(model_config=model, tokens=1e11)
+    else:
+        argv = {"budget": ["--compute", "4.5e23"], "7b": ["--model", "deepseek-7b", "--tokens", "2e12"],
+                "67b": ["--model", "deepseek-67b", "--tokens", "2e12", "--milestones", "0.7,0.85,0.95",
+                        "--factors", "0.5,0.2,0.05"],
+                "7b-seq-8192": ["--model", "deepseek-7b", "--tokens", "2e12", "--seq-length", "8192"]}[case]
+        assert scaling_laws.main(["propose", *argv]) == 0
+        line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("flags")][0]
+        p = scaling_laws.scaling.propose(**_propose_kwargs(argv))
+        assert line.split()[1:] == p.flags()
+    cfg = config_from_args(p.flags())
+    validate(cfg, world_size=1)
+    expected = p.model_config()
+    for f in dataclasses.fields(ModelConfig):
+        got, want = getattr(cfg.model, f.name), getattr(expected, f.name)
+        if f.name == "num_query_groups":
+            got, want = cfg.model.num_kv_heads, expected.num_kv_heads
+        assert got == want, (f.name, got, want)
+    assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.ffn_hidden_size, cfg.model.num_attention_heads) == (
+        p.num_layers, p.hidden_size, p.ffn_hidden_size, p.num_attention_heads)
+    assert scaling.model_scale_of(cfg.model, p.seq_length) == pytest.approx(p.model_scale)
+    t = cfg.training
+    assert (t.seq_length, t.global_batch_size, t.train_iters, t.lr_warmup_iters) == (
+        p.seq_length, p.global_batch_size, p.train_iters, p.lr_warmup_iters)
+    assert t.lr_decay_style == "multistep" and t.lr == pytest.approx(p.lr, rel=1e-2)
+    assert [float(x) for x in t.lr_decay_factors.split(",")] == list(p.factors)
+    if case == "7b":
+        assert p.flags()[:2] == ["--model", "deepseek-7b"] and "--num-layers" not in p.flags()
+
+
+def _propose_kwargs(argv):
+    """The tool's propose arguments, as scaling.propose keywords."""
+    kw = dict(zip(argv[::2], argv[1::2]))
+    out = {"seq_length": int(kw.get("--seq-length", 4096))}
+    if "--model" in kw:
+        out.update(model_config=model_preset(kw["--model"]), preset=kw["--model"], tokens=float(kw["--tokens"]))
+    else:
+        out["compute_budget"] = float(kw["--compute"])
+    if "--milestones" in kw:
+        out.update(milestones=tuple(map(float, kw["--milestones"].split(","))),
+                   factors=tuple(map(float, kw["--factors"].split(","))))
+    return out

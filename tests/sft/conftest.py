@@ -50,5 +50,5 @@ def chat_tokenizer(tmp_path_factory):
         msgs = r.get("messages") or [{"content": r["prompt"]}, {"content": r["response"]}]
         lines.append({"text": "User: Assistant: " + " ".join(m["content"] for m in msgs)})
     write_jsonl(d / "text.jsonl", lines)
-    train_tokenizer.main(["--input", str(d / "text.jsonl"), "--vocab-size", "300", "--output", str(d / "tok.json")])
+    assert train_tokenizer.main(["--input", str(d / "text.jsonl"), "--vocab-size", "300", "--output", str(d / "tok.json")]) == 0
     return d / "tok.json"

@@ -109,3 +109,14 @@ def test_missing_sft_files_name_the_flag_and_the_tool(data, tmp_path):
         "unknown-template"])
 def test_bad_flags_are_one_line(data, extra, needle):
     assert_one_line_error(sft(TINY + ["--data-path", str(data / "a"), *extra]), needle)
+
+
+def test_token_ids_past_the_model_vocabulary_are_one_line(data, capsys):
+    """Conversations binarized with the 300-token tokenizer, a model of 128: the run stops before any forward."""
+    from megatron_ds.sft import main
+
+    assert main(TINY[:TINY.index("--vocab-size")] + ["--vocab-size", "128"] + TINY[TINY.index("--vocab-size") + 2:]
+                + ["--data-path", str(data / "a"), "--train-iters", "2", "--no-fused-kernels"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --data-path {data / 'a'}: token id "), err
+    assert "outside the model's vocabulary of 128 (--vocab-size)" in err[0] and "--tokenizer-model" in err[0]

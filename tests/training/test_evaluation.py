@@ -43,10 +43,10 @@ def setup(tmp_path_factory):
     for name, texts in docs.items():
         _write(d / f"{name}.jsonl", texts)
     tok = str(d / "tokenizer.json")
-    train_tokenizer.main(["--input", str(d / "train.jsonl"), "--vocab-size", "300", "--output", tok])
+    assert train_tokenizer.main(["--input", str(d / "train.jsonl"), "--vocab-size", "300", "--output", tok]) == 0
     for name in docs:
-        preprocess_data.main(["--input", str(d / f"{name}.jsonl"), "--output-prefix", str(d / name),
-                              "--tokenizer-model", tok, "--append-eod"])
+        assert preprocess_data.main(["--input", str(d / f"{name}.jsonl"), "--output-prefix", str(d / name),
+                                     "--tokenizer-model", tok, "--append-eod"]) == 0
     vocab = build_tokenizer(tok).vocab_size
     cfg = config_from_args([
         "--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "96", "--num-attention-heads", "4",
@@ -206,3 +206,23 @@ def test_output_json_directory_is_created(setup, tmp_path):
     assert main(["--load", str(d / "ckpt"), "--data-path", str(d / "held_a_text_document"), "--eval-iters", "1",
                  "--no-fused-kernels", "--output-json", str(out)]) == 0
     assert len(json.loads(out.read_text())) == 1 and os.listdir(out.parent) == ["r.json"]
+
+
+def test_token_ids_past_the_checkpoint_vocabulary_are_one_line(setup, tmp_path, capsys):
+    """Data binarized by a larger tokenizer: an error naming the prefix and the id, not a loss (or an
+    IndexError). evaluate.py scans the data against the tokenizer before evaluating (the bits-per-byte
+    table has one row per tokenizer token), so that check speaks first."""
+    from megatron_ds.data.indexed_dataset import IndexedDatasetBuilder
+
+    d, tok, _, _ = setup
+    vocab = build_tokenizer(tok).vocab_size
+    prefix = str(tmp_path / "wide_text_document")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for i in range(40):
+        builder.add_document(np.arange(i, i + 20) % vocab if i else np.full(20, vocab + 5))
+    builder.finalize(prefix + ".idx")
+    line = _error(["--load", str(d / "ckpt"), "--data-path", prefix, "--micro-batch-size", "4",
+                   "--no-fused-kernels", "--output-json", str(tmp_path / "results.json")], capsys)
+    assert line.startswith(f"error: --data-path {prefix}: holds token id {vocab + 5}, outside --tokenizer-model "
+                           f"{tok}'s {vocab} tokens; "), line
+    assert not os.path.exists(tmp_path / "results.json")

@@ -35,9 +35,9 @@ def corpus(tmp_path_factory):
     with open(d / "c.jsonl", "w") as f:
         for i in range(300):
             f.write(json.dumps({"text": " ".join(words[(i * 7 + j * 3) % len(words)] for j in range(60))}) + "\n")
-    train_tokenizer.main(["--input", str(d / "c.jsonl"), "--vocab-size", "300", "--output", str(d / "tok.json")])
-    preprocess_data.main(["--input", str(d / "c.jsonl"), "--output-prefix", str(d / "c"),
-                          "--tokenizer-model", str(d / "tok.json"), "--append-eod"])
+    assert train_tokenizer.main(["--input", str(d / "c.jsonl"), "--vocab-size", "300", "--output", str(d / "tok.json")]) == 0
+    assert preprocess_data.main(["--input", str(d / "c.jsonl"), "--output-prefix", str(d / "c"),
+                                 "--tokenizer-model", str(d / "tok.json"), "--append-eod"]) == 0
     return d
 
 
@@ -118,3 +118,17 @@ def test_help_lists_megatron_flags_with_docs():
                  "--num-query-groups", "--tokenizer-model", "--init-method-std", "--eval-iters"):
         assert flag in proc.stdout
     assert "Peak learning rate" in proc.stdout  # help text comes from the field docstrings
+
+
+@pytest.mark.parametrize("module,opening", [("pretrain", "Megatron-style 3D-parallel trainer"),
+                                            ("sft", "Supervised fine-tuning of a DeepSeek LLM model"),
+                                            ("dpo", "Direct Preference Optimization of a policy")])
+def test_each_entry_point_has_its_own_help_description(module, opening, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(f"megatron_ds.{module}").main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: megatron_ds.{module}") and "\n" + opening in out, out[:400]
+    assert ("--dpo-beta" in out) == (module == "dpo") and ("--resume-sft" in out) == (module == "sft")
