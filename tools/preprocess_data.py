@@ -25,7 +25,7 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_ds.data.binarize import BLOCK_BYTES, BlockEncoder, InputError, Progress, map_blocks
+from megatron_ds.data.binarize import BLOCK_BYTES, BlockEncoder, InputError, Progress, SkippedLines, map_blocks
 from megatron_ds.data.corpus_files import expand_inputs
 from megatron_ds.data.errors import DataError
 from megatron_ds.data.indexed_dataset import IndexedDatasetBuilder, best_dtype
@@ -81,8 +81,7 @@ def binarize(args) -> int:
     builders = {k: IndexedDatasetBuilder(prefixes[k] + ".bin", dtype) for k in args.json_keys}
     counts = collections.Counter()
     bad_path = f"{args.output_prefix}_bad_lines.txt"
-    bad_tmp = bad_path + ".tmp"  # published with the outputs, so a failed run leaves no list either
-    bad_file = None
+    skipped = SkippedLines(bad_path)
     progress = Progress(sum(os.path.getsize(f) for f in files), args.progress_interval)
     encoder_args = (tokenizer.path, args.json_keys, args.append_eod, dtype, args.skip_bad_lines)
     try:
@@ -96,9 +95,7 @@ def binarize(args) -> int:
             for line in block.bad:
                 if counts["bad"] < BAD_LINES_SHOWN:
                     print(f"warning: skipped {line}", file=sys.stderr)
-                if bad_file is None:
-                    bad_file = open(bad_tmp, "w", encoding="utf-8")
-                bad_file.write(line + "\n")
+                skipped.write(line)
                 counts["bad"] += 1
             progress.update(len(block.lengths[first_key]), block.num_bytes, disk_done)
         progress.close()
@@ -107,15 +104,9 @@ def binarize(args) -> int:
     except BaseException:
         for builder in builders.values():
             builder.abort()
-        if bad_file is not None:
-            bad_file.close()
-            os.remove(bad_tmp)
+        skipped.abort()
         raise
-    if bad_file is not None:
-        bad_file.close()
-        os.replace(bad_tmp, bad_path)
-    elif os.path.exists(bad_path):
-        os.remove(bad_path)  # a previous run's list would describe other outputs
+    skipped.publish()
 
     seconds = max(time.monotonic() - progress.start, 1e-9)
     bad = (f", {counts['bad']} bad lines skipped (listed in {bad_path})" if counts["bad"]

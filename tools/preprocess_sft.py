@@ -35,7 +35,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 import numpy as np
 
-from megatron_ds.data.binarize import BLOCK_BYTES, InputError, Progress, map_blocks
+from megatron_ds.data.binarize import BLOCK_BYTES, InputError, Progress, SkippedLines, map_blocks
 from megatron_ds.data.chat import TEMPLATES, get_template
 from megatron_ds.data.corpus_files import expand_inputs
 from megatron_ds.data.errors import DataError
@@ -91,8 +91,7 @@ def main(argv=None) -> int:
     builders = [IndexedDatasetBuilder(tok_prefix + ".bin", best_dtype(tokenizer.vocab_size)),
                 IndexedDatasetBuilder(mask_prefix + ".bin", np.uint8)]
     bad_path = f"{args.output_prefix}_bad_conversations.txt"
-    bad_tmp = bad_path + ".tmp"
-    bad_file = None
+    skipped = SkippedLines(bad_path)
     counts, kinds = collections.Counter(), collections.Counter()
     progress = Progress(sum(os.path.getsize(f) for f in files), args.progress_interval)
     worker_args = (tokenizer.path, template.name, args.skip_bad_conversations)
@@ -101,9 +100,7 @@ def main(argv=None) -> int:
             for line in block.bad:
                 if counts["bad"] < BAD_SHOWN:
                     print(f"warning: skipped {line}", file=sys.stderr)
-                if bad_file is None:
-                    bad_file = open(bad_tmp, "w", encoding="utf-8")
-                bad_file.write(f"{line}\n")
+                skipped.write(line)
                 counts["bad"] += 1
                 kinds[reason_kind(line)] += 1
             builders[0].add_documents(block.tokens, block.lengths)
@@ -121,20 +118,15 @@ def main(argv=None) -> int:
     except (InputError, DataError) as e:
         for b in builders:
             b.abort()
-        if bad_file is not None:
-            bad_file.close()
-            os.remove(bad_tmp)
+        skipped.abort()
         print(f"error: {e}", file=sys.stderr)
         return 2
     except BaseException:
         for b in builders:
             b.abort()
+        skipped.abort()
         raise
-    if bad_file is not None:
-        bad_file.close()
-        os.replace(bad_tmp, bad_path)
-    elif os.path.exists(bad_path):
-        os.remove(bad_path)  # a previous run's list would describe other outputs
+    skipped.publish()
     seconds = max(time.monotonic() - progress.start, 1e-9)
     bad = ""
     if counts["bad"]:

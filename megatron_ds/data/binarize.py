@@ -213,6 +213,35 @@ def map_blocks(files, encoder_cls, encoder_args, workers: int, block_bytes: int 
         executor.shutdown(wait=True, cancel_futures=True)
 
 
+class SkippedLines:
+    """The list of skipped input lines, ``path`` (``{prefix}_bad_lines.txt`` and the like), written as
+    lines are skipped but published only with the outputs: ``publish`` after they are complete (a
+    run that skipped nothing removes a previous run's list, which would describe other outputs),
+    ``abort`` when the run fails (no list is left without its outputs)."""
+
+    def __init__(self, path: str):
+        self.path, self._tmp, self._file = path, path + ".tmp", None
+
+    def write(self, line: str) -> None:
+        if self._file is None:
+            self._file = open(self._tmp, "w", encoding="utf-8")
+        self._file.write(line + "\n")
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            os.remove(self._tmp)
+            self._file = None
+
+    def publish(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            os.replace(self._tmp, self.path)
+            self._file = None
+        elif os.path.exists(self.path):
+            os.remove(self.path)
+
+
 class Progress:
     """One status line on stderr: documents/s, MB/s (uncompressed input) and an ETA from the
     on-disk bytes read. On a terminal it redraws in place every `interval` seconds; in a log
