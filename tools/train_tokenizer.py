@@ -63,7 +63,7 @@ def iter_texts(files, json_keys):
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
+                    raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg} at column {e.colno})") from None
                 for key in json_keys:
                     if isinstance(record, dict) and isinstance(record.get(key), str):
                         yield record[key]

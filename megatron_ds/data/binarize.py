@@ -69,7 +69,7 @@ class BlockEncoder:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            return f"{path}:{line_no}: invalid JSON ({e.msg}); fix or remove the line"
+            return f"{path}:{line_no}: invalid JSON ({e.msg} at column {e.colno}); fix or remove the line"
         texts = []
         for key in self.json_keys:
             value = record.get(key) if isinstance(record, dict) else None

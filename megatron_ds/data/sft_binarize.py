@@ -40,7 +40,7 @@ def parse_line(path: str, line_no: int, raw: bytes) -> list[dict]:
     try:
         record = json.loads(text)
     except json.JSONDecodeError as e:
-        raise BadLine(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
+        raise BadLine(f"{path}:{line_no}: invalid JSON ({e.msg} at column {e.colno})") from None
     try:
         return messages_from_record(record)
     except ConversationError as e:

@@ -74,7 +74,10 @@ def test_non_utf8_line_is_fatal_by_default(tmp_path, tokenizer_json, capsys):
 
 def test_malformed_json_is_fatal_by_default(tmp_path, tokenizer_json, capsys):
     msg, src = fatal(tmp_path, tokenizer_json, [GOOD[0], GOOD[1], "{oops"], capsys)
-    assert f"{src}:3: invalid JSON" in msg and "--skip-bad-lines" in msg
+    # json's own words plus where: its message alone ("Expecting property name enclosed in double
+    # quotes") does not say which character
+    assert f"{src}:3: invalid JSON (Expecting property name enclosed in double quotes at column 2)" in msg
+    assert "--skip-bad-lines" in msg
 
 
 def test_missing_key_is_fatal_by_default(tmp_path, tokenizer_json, capsys):
