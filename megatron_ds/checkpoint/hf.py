@@ -1,7 +1,9 @@
 """Hugging Face Llama checkpoints (the form DeepSeek LLM releases take) to and from ours.
 
 Export writes ``config.json``, ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``
-and the tokenizer files; import reads that form (sharded or one ``model.safetensors``) and writes
+and, when the checkpoint records a tokenizer, its files with ``tokenizer_config.json``,
+``special_tokens_map.json`` and ``generation_config.json`` (AutoTokenizer and ``generate`` see our
+BOS / EOD / PAD); import reads that form (sharded or one ``model.safetensors``) and writes
 our format for a target TP x PP. Both stream: each HF tensor is one block of one of our global
 tensors (``hf_names.py``: ``qkv`` is [q; k; v] rows, ``gate_up`` is [gate; up]), read or written alone.
 """
@@ -63,9 +65,10 @@ def hf_parts(config: ModelConfig, key: str, global_shape) -> list[tuple[str, int
     return out
 
 
-def hf_config(config: ModelConfig, dtype: torch.dtype, bos_id: Optional[int], eos_id: Optional[int]) -> dict:
+def hf_config(config: ModelConfig, dtype: torch.dtype, bos_id: Optional[int], eos_id: Optional[int],
+              pad_id: Optional[int] = None) -> dict:
     """config.json for transformers' LlamaForCausalLM (formats.md, "Hugging Face checkpoint")."""
-    return {
+    out = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": config.hidden_size, "intermediate_size": config.ffn_hidden_size,
         "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_attention_heads,
@@ -76,6 +79,9 @@ def hf_config(config: ModelConfig, dtype: torch.dtype, bos_id: Optional[int], eo
         "initializer_range": config.init_method_std, "bos_token_id": bos_id, "eos_token_id": eos_id,
         "torch_dtype": _HF_DTYPES.get(dtype, "float32"),
     }
+    if pad_id is not None:
+        out["pad_token_id"] = pad_id
+    return out
 
 
 def model_config_from_hf(cfg: dict, path: str) -> ModelConfig:
@@ -99,15 +105,39 @@ def model_config_from_hf(cfg: dict, path: str) -> ModelConfig:
 # --- export -----------------------------------------------------------------------------------
 
 
-def _tokenizer_ids(tokenizer: Optional[dict]) -> tuple[Optional[str], Optional[int], Optional[int]]:
-    """(path of the tokenizer file or directory, bos id, eos id) from the checkpoint's record."""
+def _recorded_tokenizer(tokenizer: Optional[dict]):
+    """(path of the tokenizer file or directory, our Tokenizer) from the checkpoint's record, or
+    (None, None) when it records none or the path is gone."""
     path = (tokenizer or {}).get("path")
     if not path or not os.path.exists(path):
-        return None, None, None
+        return None, None
     from megatron_ds.data.tokenizer import build_tokenizer
 
-    tok = build_tokenizer(path)
-    return path, tok.bos, tok.eod
+    return path, build_tokenizer(path)
+
+
+TOKENIZER_CONFIG = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+GENERATION_CONFIG = "generation_config.json"
+
+
+def hf_tokenizer_files(tok, config: ModelConfig, source_config: Optional[dict] = None) -> dict:
+    """{file name: JSON} that let ``transformers.AutoTokenizer`` load the exported tokenizer.json
+    with our special tokens, and ``generate`` stop at our EOD: tokenizer_config.json,
+    special_tokens_map.json and generation_config.json. BOS / PAD appear only where the tokenizer
+    has them. A ``chat_template`` of the source's own tokenizer_config.json is kept."""
+    special = {name: tok.token_text(i) for name, i in
+               (("bos_token", tok.bos), ("eos_token", tok.eod), ("pad_token", tok.pad)) if i is not None}
+    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", **special,
+                  "model_max_length": config.max_position_embeddings,
+                  "clean_up_tokenization_spaces": False}
+    if (source_config or {}).get("chat_template"):
+        tok_config["chat_template"] = source_config["chat_template"]
+    gen = {"bos_token_id": tok.bos, "eos_token_id": tok.eod}
+    if tok.pad is not None:
+        gen["pad_token_id"] = tok.pad
+    return {TOKENIZER_CONFIG: tok_config, SPECIAL_TOKENS_MAP: special,
+            GENERATION_CONFIG: {k: v for k, v in gen.items() if v is not None}}
 
 
 HF_CONFIG = "config.json"
@@ -156,7 +186,8 @@ def export_hf(load: str, save: str, max_shard_bytes: int = 2 << 30, verify: bool
     A ``save`` that already holds a HF model is an error unless ``force``; then that model is
     replaced: the export is written into ``save/.export.tmp`` and moved into place once complete,
     and the old model's files it does not rewrite (stale shards) are removed. Other files in
-    ``save`` (a README, generation_config.json) are left alone.
+    ``save`` (a README) are left alone; the tokenizer files and generation_config.json are
+    replaced when the checkpoint records a tokenizer, left alone otherwise.
     """
     check_writable_dir(save, "--save")
     existing = hf_model_files(save)
@@ -184,7 +215,8 @@ def export_hf(load: str, save: str, max_shard_bytes: int = 2 << 30, verify: bool
         current.append(item)
         size += n
     shards.append(current)
-    tok_path, bos, eos = _tokenizer_ids(reader.tokenizer)
+    tok_path, tok = _recorded_tokenizer(reader.tokenizer)
+    bos, eos, pad = (tok.bos, tok.eod, tok.pad) if tok is not None else (None, None, None)
     os.makedirs(save, exist_ok=True)
     tmp = os.path.join(save, EXPORT_TMP)
     shutil.rmtree(tmp, ignore_errors=True)  # an interrupted export's
@@ -201,15 +233,27 @@ def export_hf(load: str, save: str, max_shard_bytes: int = 2 << 30, verify: bool
             total += writer.close()["bytes"]
             written.append(fname)
         if tok_path is not None:
-            names = ("tokenizer*", "special_tokens_map.json")
+            # Our tokenizer_config.json / special_tokens_map.json replace a source directory's
+            # (only its chat_template is kept): they must name the special tokens we train with.
+            ours = (TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP)
             files = [tok_path] if os.path.isfile(tok_path) else sorted(
-                f for n in names for f in glob.glob(os.path.join(tok_path, n)))
+                f for f in glob.glob(os.path.join(tok_path, "tokenizer*")) if os.path.basename(f) not in ours)
             for src in files:
                 shutil.copy(src, os.path.join(tmp, os.path.basename(src)))
                 written.append(os.path.basename(src))
+            source_config = None
+            if os.path.isdir(tok_path) and os.path.isfile(os.path.join(tok_path, TOKENIZER_CONFIG)):
+                try:
+                    with open(os.path.join(tok_path, TOKENIZER_CONFIG)) as f:
+                        source_config = json.load(f)
+                except (OSError, ValueError):
+                    source_config = None
+            for name, obj in hf_tokenizer_files(tok, config, source_config).items():
+                _write_json(os.path.join(tmp, name), obj)
+                written.append(name)
         _write_json(os.path.join(tmp, INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
         dtype = reader.dtype(MODEL_PREFIX + "embedding.weight")
-        _write_json(os.path.join(tmp, HF_CONFIG), hf_config(config, dtype, bos, eos))
+        _write_json(os.path.join(tmp, HF_CONFIG), hf_config(config, dtype, bos, eos, pad))
         written += [INDEX, HF_CONFIG]
         fsync_dir(tmp)
     except BaseException:

@@ -7,6 +7,7 @@ embedding), the end-of-document id (to separate documents in the token stream) a
 
 import hashlib
 import os
+from typing import Optional
 
 from megatron_ds.data.errors import DataError
 
@@ -96,6 +97,10 @@ class Tokenizer:
             else:
                 out[i] = len(self._tok.decode([i], skip_special_tokens=True).encode("utf-8"))
         return out
+
+    def token_text(self, token_id: Optional[int]) -> Optional[str]:
+        """The string of a token id (e.g. ``"</s>"`` for ``self.eod``); None for None."""
+        return None if token_id is None else self._tok.id_to_token(token_id)
 
     def identity(self) -> str:
         """First 16 hex digits of the sha256 of the tokenizer.json bytes."""

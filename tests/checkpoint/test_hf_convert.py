@@ -50,28 +50,67 @@ def test_export_loads_in_transformers_with_our_logits(tmp_path):
 
 
 def _tokenizer(path):
-    """A word-level tokenizer.json with BOS and EOS special tokens."""
+    """A word-level tokenizer.json with BOS, EOS and PAD special tokens."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2, "hello": 3, "world": 4}
+    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2, "hello": 3, "world": 4, "<pad>": 5}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(["<s>", "</s>"])
+    tok.add_special_tokens(["<s>", "</s>", "<pad>"])
     tok.save(path)
     return path
 
 
-def test_export_copies_the_recorded_tokenizer_and_its_ids(tmp_path):
+def _export_with_tokenizer(tmp_path):
     tok = _tokenizer(str(tmp_path / "tokenizer.json"))
     model = model_with_weights(ParallelState(), hf_weights())
     save_checkpoint(str(tmp_path / "ckpt"), 1, model_sharded_tensors(model), config=config(),
                     tokenizer={"path": tok, "sha256_16": "x"})
     assert convert_main(["export", "--load", str(tmp_path / "ckpt"), "--save", str(tmp_path / "hf")]) == 0
-    with open(tmp_path / "hf" / "config.json") as f:
+    return tok, str(tmp_path / "hf")
+
+
+def test_export_copies_the_recorded_tokenizer_and_its_ids(tmp_path):
+    tok, out = _export_with_tokenizer(tmp_path)
+    with open(os.path.join(out, "config.json")) as f:
         cfg = json.load(f)
-    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["num_key_value_heads"]) == (0, 1, 2)
-    with open(tmp_path / "hf" / "tokenizer.json") as f, open(tok) as g:
+    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"], cfg["num_key_value_heads"]) == (0, 1, 5, 2)
+    with open(os.path.join(out, "tokenizer.json")) as f, open(tok) as g:
         assert f.read() == g.read()
+    assert sorted(n for n in os.listdir(out) if not n.startswith("model")) == [
+        "config.json", "generation_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+    with open(os.path.join(out, "generation_config.json")) as f:
+        assert json.load(f) == {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 5}
+
+
+def test_exported_tokenizer_loads_in_autotokenizer_with_our_ids_and_special_tokens(tmp_path):
+    from transformers import AutoTokenizer
+
+    from megatron_ds.data.tokenizer import build_tokenizer
+
+    tok, out = _export_with_tokenizer(tmp_path)
+    ours, hf = build_tokenizer(tok), AutoTokenizer.from_pretrained(out)
+    text = "hello world hello </s> world"
+    assert hf.encode(text, add_special_tokens=False) == ours.encode(text) == [3, 4, 3, 1, 4]
+    assert hf(text)["input_ids"] == ours.encode(text)  # tokenizer.json has no post-processor: nothing added
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (ours.bos, ours.eod, ours.pad) == (0, 1, 5)
+    assert hf.model_max_length == config().max_position_embeddings
+    assert hf.decode([3, 4, 1]) == ours.decode([3, 4, 1])
+
+
+def test_exported_generation_config_stops_generate_at_eos(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    _, out = _export_with_tokenizer(tmp_path)
+    hf = LlamaForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+    assert (hf.generation_config.eos_token_id, hf.generation_config.pad_token_id) == (1, 5)
+    ids = torch.tensor([[0, 3, 4]])
+    with torch.no_grad():  # EOS made the only likely next token (logit |h|^2, all others 0): one step, then stop
+        h = hf.model(input_ids=ids).last_hidden_state[0, -1]
+        hf.lm_head.weight.zero_()
+        hf.lm_head.weight[1] = h
+        seq = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+    assert seq.tolist() == [[0, 3, 4, 1]]
 
 
 def _import_rank(root, ids):

@@ -4,8 +4,10 @@
     python tools/checkpoint/convert_hf.py import --hf hf-model/ --save ckpt/ --target-tp 2 --target-pp 2
 
 Export writes config.json, model-0000i-of-0000n.safetensors with model.safetensors.index.json,
-and the tokenizer files when the checkpoint records a tokenizer path; ``transformers`` loads the
-result as LlamaForCausalLM. Import reads that form; the result starts at iteration 0.
+and, when the checkpoint records a tokenizer path, the tokenizer files with tokenizer_config.json,
+special_tokens_map.json and generation_config.json; ``transformers`` loads the result as
+LlamaForCausalLM, ``AutoTokenizer`` with our BOS / EOD (as eos) / PAD tokens, and ``generate``
+stops at EOD. Import reads that form; the result starts at iteration 0.
 
 Neither overwrites by accident: export refuses a --save that already holds a Hugging Face model
 (config.json, model*.safetensors, an index), import one that already holds a checkpoint; one
