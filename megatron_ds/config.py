@@ -388,18 +388,15 @@ def validate_kernels(k: KernelConfig) -> None:
                               "use --transformer-impl local")
 
 
-def validate(cfg: Config, world_size: int) -> None:
-    """Checks that need no data: a layout that does not divide is a one-line ConfigError."""
-    m, p, t = cfg.model, cfg.parallel, cfg.training
-    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    if tp < 1 or pp < 1:
+def check_parallel_sizes(p: ParallelConfig) -> None:
+    """TP and PP are at least 1."""
+    if p.tensor_model_parallel_size < 1 or p.pipeline_model_parallel_size < 1:
         raise ConfigError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
-    if world_size % (tp * pp) != 0:
-        raise ConfigError(
-            f"world size {world_size} is not a multiple of --tensor-model-parallel-size {tp} x "
-            f"--pipeline-model-parallel-size {pp}; launch TP*PP*DP processes"
-        )
-    dp = world_size // (tp * pp)
+
+
+def check_tensor_split(m: ModelConfig, p: ParallelConfig) -> None:
+    """TP divides what each layer splits: attention heads, FFN, KV heads (or is a multiple of them), vocabulary."""
+    tp = p.tensor_model_parallel_size
     for what, n in (("attention heads (--num-attention-heads)", m.num_attention_heads),
                     ("FFN size (--ffn-hidden-size)", m.ffn_hidden_size)):
         if n % tp != 0:
@@ -414,6 +411,29 @@ def validate(cfg: Config, world_size: int) -> None:
         )
     if m.padded_vocab_size(tp) % tp != 0:  # cannot happen with the padding rule, kept as a guard
         raise ConfigError(f"--tensor-model-parallel-size {tp} does not divide the padded vocabulary")
+
+
+def check_model_layout(m: ModelConfig, p: ParallelConfig, num_microbatches: int = 1) -> None:
+    """The rules of ``validate`` on how a model is split over TP x PP alone (no world size, no batch):
+    what the offline checkpoint tools check their target layout with. ``num_microbatches`` matters
+    only with interleaving."""
+    check_parallel_sizes(p)
+    check_tensor_split(m, p)
+    check_pipeline_config(m.num_layers, p, num_microbatches)
+
+
+def validate(cfg: Config, world_size: int) -> None:
+    """Checks that need no data: a layout that does not divide is a one-line ConfigError."""
+    m, p, t = cfg.model, cfg.parallel, cfg.training
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    check_parallel_sizes(p)
+    if world_size % (tp * pp) != 0:
+        raise ConfigError(
+            f"world size {world_size} is not a multiple of --tensor-model-parallel-size {tp} x "
+            f"--pipeline-model-parallel-size {pp}; launch TP*PP*DP processes"
+        )
+    dp = world_size // (tp * pp)
+    check_tensor_split(m, p)
     if p.sequence_parallel and t.seq_length % tp != 0:
         raise ConfigError(f"--sequence-parallel needs --seq-length {t.seq_length} divisible by --tensor-model-parallel-size {tp}")
     if t.seq_length > m.max_position_embeddings:

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from megatron_ds.checkpoint.format import TMP_SUFFIX, CheckpointError
 from megatron_ds.checkpoint.load import CheckpointReader
 from megatron_ds.checkpoint.model_state import MODEL_PREFIX
-from megatron_ds.checkpoint.offline import check_save_dir, write_layout
+from megatron_ds.checkpoint.offline import check_save_dir, check_target_layout, write_layout
 from megatron_ds.checkpoint.safetensors_io import SafetensorsWriter, fsync_dir, write_file_atomic_bytes
 from megatron_ds.config import ModelConfig
 from megatron_ds.model.hf_names import hf_names
@@ -344,6 +344,7 @@ def import_hf(hf_path: str, save: str, target_tp: int = 1, target_pp: int = 1,
     refused unless ``force``)."""
     check_save_dir(save, 0, force)  # before the HF model is read
     source = HFSource(hf_path)
+    check_target_layout(source.config, target_tp, target_pp)  # before the weights are read
     if tokenizer_path is None and os.path.isfile(os.path.join(hf_path, "tokenizer.json")):
         tokenizer_path = os.path.join(hf_path, "tokenizer.json")
     tokenizer = None

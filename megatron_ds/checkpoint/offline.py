@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import time
 from typing import Optional
@@ -24,11 +25,47 @@ from megatron_ds.checkpoint.format import (
     COMMON, FORMAT_VERSION, TMP_SUFFIX, CheckpointError, existing_checkpoint, iter_dir_name, remove_stale_tmp,
 )
 from megatron_ds.checkpoint.load import CheckpointReader
-from megatron_ds.checkpoint.model_state import MODEL_PREFIX, meta_model_shard, model_sharded_tensors
+from megatron_ds.checkpoint.model_state import MODEL_PREFIX, meta_model_shard, model_sharded_tensors, stage_layer_range
 from megatron_ds.checkpoint.save import _Job
 from megatron_ds.checkpoint.sharded_tensor import ShardedTensor
-from megatron_ds.config import ModelConfig
+from megatron_ds.config import ConfigError, ModelConfig, ParallelConfig, check_model_layout
 from megatron_ds.paths import check_writable_dir
+
+
+def check_target_layout(config: ModelConfig, tp: int, pp: int) -> None:
+    """The target TP x PP passes the trainer's own rules (``config.check_model_layout``), checked
+    before anything is written; else a one-line CheckpointError in the tools' words: ``--target-tp``
+    / ``--target-pp`` for the trainer's layout flags, "the model's <field>" for the architecture
+    (which comes from the checkpoint, not from a flag of the tool).
+
+    The layer split is the one the files are written with (``stage_layer_range``), given to the
+    rules as an explicit ``--pipeline-layer-split``, which the tools' messages call ``--target-pp``.
+    """
+    counts = [len(stage_layer_range(config.num_layers, pp, r)) for r in range(pp)] if pp >= 1 else []
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                              pipeline_layer_split=",".join(map(str, counts)) if counts else None)
+    try:
+        check_model_layout(config, parallel)
+    except ConfigError as e:
+        raise CheckpointError(tool_flags(str(e), pp)) from None
+
+
+_MODEL_FLAGS = {f"--{f.name.replace('_', '-')}": f.name for f in dataclasses.fields(ModelConfig)}
+
+
+def tool_flags(message: str, pp: int) -> str:
+    """A trainer message about a target layout, in the offline tools' flags."""
+    trainer = {"--tensor-model-parallel-size": "--target-tp", "--pipeline-model-parallel-size": "--target-pp"}
+    # The split is --target-pp's even one: its messages name the split, "--target-pp N" says where it came from.
+    message = re.sub(r"--pipeline-layer-split(?: [0-9,]+)?(?![\w-])", f"--target-pp {pp}", message)
+
+    def sub(m: re.Match) -> str:
+        flag = m.group(0)
+        if flag in trainer:
+            return trainer[flag]
+        return f"the model's {_MODEL_FLAGS[flag]}" if flag in _MODEL_FLAGS else flag
+
+    return re.sub(r"--[a-z][a-z0-9-]*(?![\w-])", sub, message)
 
 
 def target_pieces(source, config: ModelConfig, tp: int, pp: int) -> list[list[ShardedTensor]]:
@@ -92,6 +129,7 @@ def write_layout(save: str, source, config: ModelConfig, tp: int, pp: int, *, it
     ``latest`` stays on a newer iteration it names unless ``set_latest``. A write that fails removes
     its ``.tmp`` directory and touches nothing else.
     """
+    check_target_layout(config, tp, pp)
     check_save_dir(save, iteration, force)
     ranks = target_pieces(source, config, tp, pp)
     final = os.path.join(save, iter_dir_name(iteration))
@@ -137,6 +175,7 @@ def reshard(load: str, save: str, target_tp: int, target_pp: int, verify: bool =
     if reader.model_config is None:
         raise CheckpointError(f"{reader.dir}/metadata.json: no model config recorded; cannot tell the layers apart")
     config = ModelConfig(**reader.model_config)
+    check_target_layout(config, target_tp, target_pp)
     common = None
     if COMMON in reader.meta["files"]:
         with open(reader._check_file(COMMON), "rb") as f:

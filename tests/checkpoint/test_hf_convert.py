@@ -225,3 +225,17 @@ def test_convert_to_an_unwritable_save_is_one_line(tmp_path, capsys):
         assert err == (f"error: --save {tmp_path / 'file'}: exists and is not a directory; "
                        "pass a directory (new or existing)")
     assert (tmp_path / "file").read_text() == "x"
+
+
+def test_import_to_a_layout_the_trainer_refuses_is_one_line_naming_the_tools_flag(tmp_path, capsys):
+    """--target-tp 3 (4 heads) and --target-pp 8 (2 layers): the trainer's rules in the tool's flags, exit 2,
+    nothing written."""
+    hf_dir, out = str(tmp_path / "hf"), str(tmp_path / "ckpt")
+    hf_model("gqa", 1000).save_pretrained(hf_dir)
+    capsys.readouterr()
+    assert _error(["import", "--hf", hf_dir, "--save", out, "--target-tp", "3"], capsys) == (
+        "error: --target-tp 3 does not divide 4 attention heads (the model's num_attention_heads)")
+    assert _error(["import", "--hf", hf_dir, "--save", out, "--target-pp", "8"], capsys) == (
+        "error: --target-pp 8: every pipeline stage needs at least one layer, the split is "
+        "[1, 1, 0, 0, 0, 0, 0, 0] for the model's num_layers 2")
+    assert not os.path.exists(out)

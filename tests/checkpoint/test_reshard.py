@@ -130,3 +130,21 @@ def test_reshard_to_an_unwritable_save_is_one_line(source, tmp_path, capsys):
         f"error: --save {tmp_path / 'file'}: exists and is not a directory; pass a directory (new or existing)")
     assert "cannot be created in /proc" in _error(["--load", source, "--save", "/proc/megatron-ds-x"], capsys)
     assert (tmp_path / "file").read_text() == "x"
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--target-tp", "3"], "error: --target-tp 3 does not divide 4 attention heads (the model's num_attention_heads)"),
+    (["--target-pp", "8"], "error: --target-pp 8: every pipeline stage needs at least one layer, the split is "
+                           "[1, 1, 0, 0, 0, 0, 0, 0] for the model's num_layers 2"),
+    (["--target-tp", "0"], "error: --target-tp and --target-pp must be >= 1"),
+])
+def test_reshard_to_a_layout_the_trainer_refuses_is_one_line_naming_the_tools_flag(source, tmp_path, capsys, flags,
+                                                                                   expected):
+    """The trainer's own rules (config.check_model_layout), in --target-tp / --target-pp; nothing written."""
+    new, existing = str(tmp_path / "new"), str(tmp_path / "existing")
+    os.makedirs(existing)
+    (tmp_path / "existing" / "notes.txt").write_text("x")
+    assert _error(["--load", source, "--save", new] + flags, capsys) == expected
+    assert not os.path.exists(new)
+    assert _error(["--load", source, "--save", existing] + flags, capsys) == expected
+    assert _tree(existing) == {"notes.txt": b"x"}

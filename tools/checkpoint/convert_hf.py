@@ -15,6 +15,10 @@ Neither overwrites by accident: export refuses a --save that already holds a Hug
 are written into --save/.export.tmp and moved into place once complete, and old shards the new
 index does not name are removed (other files, e.g. a README, stay). Import with ``--force`` adds
 iter_0000000 (replacing one there) and leaves ``latest`` on a newer iteration unless ``--set-latest``.
+
+A target layout the trainer would refuse (``--target-tp`` not dividing the heads, ``--target-pp`` above
+the layer count, ...) is refused first, by the trainer's own rules (``config.check_model_layout``) in
+this tool's flags: one ``error:`` line, exit 2, nothing written.
 """
 
 from __future__ import annotations

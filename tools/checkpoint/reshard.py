@@ -11,6 +11,10 @@ directory, or pass ``--force`` to add the iteration there. With ``--force`` an `
 iteration is replaced whole (written as ``iter_N.tmp``, then renamed into place), and ``latest``
 stays on a newer iteration it already names (so the next --load does not go back in time) unless
 ``--set-latest``. An unwritable --save (a file, /proc/...) is refused before anything is read.
+
+A target layout the trainer would refuse (``--target-tp`` not dividing the heads, ``--target-pp`` above
+the layer count, ...) is refused first, by the trainer's own rules (``config.check_model_layout``) in
+this tool's flags: one ``error:`` line, exit 2, nothing written.
 """
 
 from __future__ import annotations
@@ -41,8 +45,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     tp, pp = (1, 1) if args.unsharded else (args.target_tp, args.target_pp)
     try:
-        if tp < 1 or pp < 1:
-            raise CheckpointError("--target-tp and --target-pp must be >= 1")
         if args.set_latest and not args.force:
             raise CheckpointError("--set-latest moves 'latest' of an existing checkpoint directory: add --force")
         out = reshard(args.load, args.save, tp, pp, verify=not args.no_verify, force=args.force,
