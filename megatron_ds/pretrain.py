@@ -181,6 +181,9 @@ def run(cfg: Config, state: ParallelState, tokenizer=None, log: bool | None = No
         logger.info(auto)
     model = build_model(cfg, state)
     train_ds, valid_ds = build_data(cfg, tokenizer)
+    if t.eval_interval > 0 and valid_ds is None:
+        logger.info(f"warning: --eval-interval {t.eval_interval} is set but this run has no validation data, so no "
+                    f"validation runs; give it a validation part (--split) or data set")
     n_params = count_parameters(cfg.model, cfg.model.padded_vocab_size(state.tp_size))
     logger.info(f"model {cfg.preset}: {n_params / 1e6:.2f}M parameters | TP {state.tp_size} x PP {state.pp_size} "
                 f"x DP {state.dp_size}{' | sequence parallel' if cfg.parallel.sequence_parallel else ''} | "

@@ -84,6 +84,15 @@ def test_trains_saves_logs_and_generates(corpus, tmp_path):
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == "iter_0000008"
 
 
+def test_eval_interval_without_validation_data_says_so(corpus):
+    proc = pretrain(TINY + ["--vocab-size", "512", "--train-iters", "2", "--eval-interval", "1",
+                            "--data-path", str(corpus / "c_text_document"), "--split", "100,0,0",
+                            "--tokenizer-model", str(corpus / "tok.json")])
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: --eval-interval 1 is set but this run has no validation data" in proc.stdout, proc.stdout
+    assert "validation at iter" not in proc.stdout
+
+
 def test_tp_that_does_not_divide_heads_is_one_line():
     proc = pretrain(TINY + ["--mock-data", "--tensor-model-parallel-size", "3"], env={"WORLD_SIZE": "3"})
     assert_one_line_error(proc, "--tensor-model-parallel-size 3", "4 attention heads")
