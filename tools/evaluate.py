@@ -92,8 +92,6 @@ def check_inputs(args):
                    "--tokenizer-model, or --override-tokenizer-check to go on with this one")
         if err:
             raise ConfigError(err)
-    for prefix in args.data_path:
-        check_token_ids(prefix, tokenizer)
     config = checkpoint_model_config(CheckpointReader(args.load, verify=False))
     if config is None:
         if args.model is None:
@@ -113,21 +111,6 @@ def check_inputs(args):
         raise TopologyError(f"world size {world} is not a multiple of --tensor-model-parallel-size {tp} x "
                             f"--pipeline-model-parallel-size {pp}")
     return config, seq, tok
-
-
-def check_token_ids(prefix: str, tokenizer) -> None:
-    """Every token id of ``prefix`` is one of the tokenizer's (its byte table scores the ids); a
-    corpus tokenized with another tokenizer is a DataError, not an IndexError mid-evaluation."""
-    from megatron_ds.data.indexed_dataset import IndexedDataset
-
-    tokens = IndexedDataset(prefix).all_tokens()
-    if tokens.size == 0:
-        return
-    top = int(tokens.max())
-    if top >= tokenizer.vocab_size:
-        raise DataError(f"--data-path {prefix}: holds token id {top}, outside --tokenizer-model {tokenizer.path}'s "
-                        f"{tokenizer.vocab_size} tokens; it was binarized with another tokenizer: pass that one, or "
-                        "re-binarize the text with tools/preprocess_data.py")
 
 
 def whole_dataset(prefix: str, seq: int, seed: int):
@@ -171,12 +154,9 @@ def run(args, config, seq: int, tok_path: str) -> list[dict]:
         if num_batches < 1:
             raise DataError(f"--data-path {prefix}: {len(dataset)} samples of --seq-length {seq}, fewer than one "
                             f"global batch of {per_batch}; lower --micro-batch-size or --seq-length")
-        # Data binarized with another, larger tokenizer than the model's: one error, not an IndexError (TP 1)
-        # or a loss over masked ids (TP > 1).
-        check = VocabCheck(config.vocab_size, f"--data-path {prefix}",
-                           fix=f"binarize it with the model's tokenizer (--tokenizer-model {tok_path}, "
-                               f"{tokenizer.vocab_size} tokens) and evaluate that",
-                           vocabulary="the checkpoint's vocabulary of {vocab_size}")
+        # Data binarized with another tokenizer: one error, not an IndexError in the embedding (TP 1) or
+        # the byte table, nor a loss over masked ids (TP > 1). The tokenizer fits the model (checked above).
+        check = VocabCheck.of_tokenizer(tokenizer.vocab_size, tok_path, f"--data-path {prefix}")
         res = evaluate([model], state, global_batches(dataset, state, args.micro_batch_size, 1, num_batches,
                                                       vocab_check=check),
                        token_bytes=token_bytes)

@@ -258,13 +258,6 @@ class IndexedDataset:
     def num_documents(self) -> int:
         return len(self.document_indices) - 1
 
-    def all_tokens(self) -> np.ndarray:
-        """Every token the .bin holds, in file order: a memory-mapped view (nothing is read until used)."""
-        if not len(self):
-            return np.zeros(0, dtype=self.dtype)
-        end = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize
-        return np.frombuffer(self._bin, dtype=self.dtype, count=end // self.dtype.itemsize)
-
     def get(self, i: int, offset: int = 0, length: int = None) -> np.ndarray:
         """Tokens [offset, offset + length) of sequence i (to its end when length is None)."""
         n = len(self)

@@ -70,6 +70,14 @@ class VocabCheck:
     vocabulary: str = "the model's vocabulary of {vocab_size} (--vocab-size)"
     """How the message names the vocabulary (tools/evaluate.py: the checkpoint's, which no flag sets)."""
 
+    @classmethod
+    def of_tokenizer(cls, vocab_size: int, tokenizer_path: str, source: str) -> "VocabCheck":
+        """Against the tokenizer's ids: an id past them is data binarized with another tokenizer,
+        which no --vocab-size mends (and has no bytes in the bits-per-byte table)."""
+        return cls(vocab_size, source, vocabulary=f"--tokenizer-model {tokenizer_path}'s {{vocab_size}} tokens",
+                   fix="it was binarized with another tokenizer: pass that one, or re-binarize the text with "
+                       "tools/preprocess_data.py")
+
     def __call__(self, batch: dict, state: Optional[ParallelState] = None) -> None:
         for key in ("tokens", "labels"):
             x = batch.get(key)

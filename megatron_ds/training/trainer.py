@@ -116,7 +116,12 @@ class Trainer:
         return f"--data-path {paths}".rstrip()
 
     def vocab_check(self, dataset) -> VocabCheck:
-        """The check of ``dataset``'s token ids against the model's vocabulary, run on each CPU micro-batch."""
+        """The check of ``dataset``'s token ids, run on each CPU micro-batch: against the tokenizer's
+        ids when one was set for real data (validation scores bits-per-byte through its byte table),
+        else against the model's vocabulary (--mock-data draws ids from all of it)."""
+        if self.token_bytes is not None and not self.cfg.data.mock_data:
+            return VocabCheck.of_tokenizer(len(self.token_bytes), self.cfg.data.tokenizer_model,
+                                           self.data_source(dataset))
         return VocabCheck(self.cfg.model.vocab_size, self.data_source(dataset))
 
     def _batches(self, dataset, consumed: int, count: int):

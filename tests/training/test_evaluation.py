@@ -195,7 +195,7 @@ def test_another_tokenizer_than_the_checkpoints_is_one_line(setup, tmp_path, cap
     assert f"is not the tokenizer --load {ck} was trained with ({tok}, " in err and "--override-tokenizer-check" in err
     # Overridden, the corpus still holds ids the other tokenizer does not have: one line, not an IndexError.
     err = _error(["--load", ck, "--data-path", data, "--tokenizer-model", other, "--override-tokenizer-check"], capsys)
-    assert err.startswith(f"error: --data-path {data}: holds token id ") and "outside --tokenizer-model" in err
+    assert err.startswith(f"error: --data-path {data}: token id ") and "is outside --tokenizer-model" in err
 
 
 def test_output_json_directory_is_created(setup, tmp_path):
@@ -210,8 +210,8 @@ def test_output_json_directory_is_created(setup, tmp_path):
 
 def test_token_ids_past_the_checkpoint_vocabulary_are_one_line(setup, tmp_path, capsys):
     """Data binarized by a larger tokenizer: an error naming the prefix and the id, not a loss (or an
-    IndexError). evaluate.py scans the data against the tokenizer before evaluating (the bits-per-byte
-    table has one row per tokenizer token), so that check speaks first."""
+    IndexError). The ids are held to the tokenizer's, which the bits-per-byte table has one row each
+    for (the tokenizer itself fits the checkpoint's vocabulary: checked before)."""
     from megatron_ds.data.indexed_dataset import IndexedDatasetBuilder
 
     d, tok, _, _ = setup
@@ -223,6 +223,6 @@ def test_token_ids_past_the_checkpoint_vocabulary_are_one_line(setup, tmp_path, 
     builder.finalize(prefix + ".idx")
     line = _error(["--load", str(d / "ckpt"), "--data-path", prefix, "--micro-batch-size", "4",
                    "--no-fused-kernels", "--output-json", str(tmp_path / "results.json")], capsys)
-    assert line.startswith(f"error: --data-path {prefix}: holds token id {vocab + 5}, outside --tokenizer-model "
-                           f"{tok}'s {vocab} tokens; "), line
+    assert line.startswith(f"error: --data-path {prefix}: token id {vocab + 5} is outside --tokenizer-model "
+                           f"{tok}'s {vocab} tokens; it was binarized with another tokenizer"), line
     assert not os.path.exists(tmp_path / "results.json")

@@ -42,6 +42,37 @@ def test_tp1_run_is_one_line_error(wide_data, capsys):
     assert "--tokenizer-model" in err[0] and f"--vocab-size {BAD_ID + 1} or more" in err[0]
 
 
+def test_with_a_tokenizer_the_ids_are_held_to_the_tokenizers(tmp_path, capsys):
+    """A model vocabulary larger than the tokenizer (as the presets pad it): an id between the two is
+    data of another tokenizer, which no --vocab-size mends and which has no bytes for validation's
+    bits-per-byte; one line naming --tokenizer-model, not an IndexError at the first evaluation."""
+    import json
+
+    from megatron_ds.data.tokenizer import build_tokenizer
+    from megatron_ds.pretrain import main
+    from tools import train_tokenizer
+
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": f"word{i} and more {i * 7}"}) + "\n"
+                                              for i in range(200)))
+    tok = str(tmp_path / "tok.json")
+    assert train_tokenizer.main(["--input", str(tmp_path / "t.jsonl"), "--vocab-size", "300", "--output", tok]) == 0
+    n = build_tokenizer(tok).vocab_size
+    assert n + 5 < 512
+    prefix = str(tmp_path / "narrow")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for _ in range(200):
+        builder.add_document(np.concatenate([[n + 5], np.arange(19) % n]))
+    builder.finalize(prefix + ".idx")
+    capsys.readouterr()
+    flags = [f for f in FLAGS if f != str(VOCAB)]
+    flags[flags.index("--vocab-size") + 1:flags.index("--vocab-size") + 1] = ["512"]
+    assert main(flags + ["--data-path", prefix, "--split", "1", "--tokenizer-model", tok]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --data-path {prefix}: token id {n + 5} is outside --tokenizer-model {tok}'s {n} tokens; "
+                   "it was binarized with another tokenizer: pass that one, or re-binarize the text with "
+                   "tools/preprocess_data.py"], err
+
+
 def _train_tp2(prefix: str) -> str:
     from megatron_ds.parallel.topology import build_parallel_state
     from megatron_ds.pretrain import run
