@@ -25,12 +25,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from megatron_ds.parallel.mappings import _all_gather, _check_divisible, copy_to_tensor_model_parallel_region
+from megatron_ds.parallel.mappings import (
+    _all_gather,
+    _all_gather_single,
+    _check_divisible,
+    _reduce_scatter_single,
+    copy_to_tensor_model_parallel_region,
+)
 from megatron_ds.parallel.topology import group_size
-
-# torch >= 2.10 names these *_single; the *_tensor names are deprecated aliases.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 class _LinearWithTPComm(torch.autograd.Function):
