@@ -127,13 +127,12 @@ class RunCheckpoints:
         t = self.t
         if not t.load:
             return 0, 0
-        if not has_checkpoint(t.load):
-            if not (t.save and same_dir(t.load, t.save)):  # launch's check_load tells the user before this
-                raise ConfigError(f"--load {t.load}: no checkpoint there; pass a directory written by --save")
+        # Before any weight is read (launch ran it too, before any process group; in-process runs
+        # come here directly): every rank reads the same metadata, so all raise together.
+        check_load(self.cfg, self.tokenizer)
+        if not has_checkpoint(t.load):  # allowed by check_load only when it is also --save
             self._info(f"no checkpoint in --load {t.load} yet (it is --save); starting from scratch")
             return 0, 0
-        # Before any weight is read: every rank reads the same metadata, so all raise together.
-        check_load(self.cfg, self.tokenizer)
         weights_only = t.finetune
         ckpt = load(t.load, self.chunks, self.state, rng_tracker=self.rng_tracker,
                     load_rng=not (t.no_load_rng or weights_only))
